@@ -1,0 +1,251 @@
+"""Engine and generation settings, with lmdeploy-compatible names.
+
+`EngineConfig` holds how the engine runs; `GenerationConfig` is what a user asks of one generation
+(the pipeline's name); `SamplingParams` is the engine's immutable, validated token-level form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs; every default is documented in config/default.toml."""
+
+    dtype: DType = "auto"
+    device: str = "auto"
+    tp: int = 1
+    session_len: int | None = None
+    max_batch_size: int = 128
+    block_size: int = 64
+    cache_max_entry_count: float = 0.8
+    num_gpu_blocks: int = 0
+    cpu_kv_cache_gib: float = 1.0
+    max_prefill_token_num: int = 8192
+    enable_prefix_caching: bool = True
+    eager_mode: bool = False
+    session_ttl: float = 600.0
+    max_sessions: int = 4096
+    max_logprobs: int = 20
+    max_n: int = 16
+    max_stop_strings: int = 16
+    max_stop_string_len: int = 256
+    seed: int = 0
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+        if self.tp != 1:
+            raise ValueError(f"tp={self.tp}: this build runs on one device; use tp=1")
+        _check(
+            self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
+            f"block_size must be a power of two, got {self.block_size}",
+        )
+        _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(
+            0.0 < self.cache_max_entry_count <= 1.0,
+            f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}",
+        )
+        _check(self.num_gpu_blocks >= 0, f"num_gpu_blocks must be >= 0, got {self.num_gpu_blocks}")
+        _check(
+            self.max_prefill_token_num >= 1,
+            f"max_prefill_token_num must be >= 1, got {self.max_prefill_token_num}",
+        )
+        _check(
+            self.session_len is None or self.session_len >= 2,
+            f"session_len must be >= 2, got {self.session_len}",
+        )
+        _check(self.session_ttl > 0, f"session_ttl must be > 0, got {self.session_ttl}")
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings in token form; validated once, immutable afterwards."""
+
+    n: int = 1
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    bad_token_ids: tuple[int, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # multi-token sequences that must not appear
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and top-k alternatives
+    prompt_logprobs: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(
+        self,
+        vocab_size: int,
+        max_n: int = 16,
+        max_logprobs: int = 20,
+        max_stop_strings: int = 16,
+        max_stop_string_len: int = 256,
+    ) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        _check(1 <= self.n <= max_n, f"n must be between 1 and {max_n}, got {self.n}")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        _check(
+            self.min_new_tokens <= self.max_new_tokens,
+            f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens "
+            f"({self.max_new_tokens})",
+        )
+        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        _check(
+            self.repetition_penalty > 0.0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        _check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+        )
+        _check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        if self.logprobs is not None:
+            _check(
+                0 <= self.logprobs <= max_logprobs,
+                f"logprobs must be between 0 and {max_logprobs}, got {self.logprobs}",
+            )
+        _check(
+            len(self.stop_strings) <= max_stop_strings,
+            f"at most {max_stop_strings} stop strings are allowed, got {len(self.stop_strings)}",
+        )
+        for stop in self.stop_strings:
+            _check(
+                0 < len(stop) <= max_stop_string_len,
+                f"stop strings must be 1 to {max_stop_string_len} characters long",
+            )
+        for token_id, bias in self.logit_bias:
+            _check(
+                0 <= token_id < vocab_size,
+                f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})",
+            )
+            _check(
+                math.isfinite(bias) and -100.0 <= bias <= 100.0,
+                f"logit_bias values must be in [-100, 100], got {bias}",
+            )
+        for label, ids in (
+            ("stop_token_ids", self.stop_token_ids),
+            ("bad_token_ids", self.bad_token_ids),
+            *(("bad_words", words) for words in self.bad_words_ids),
+        ):
+            for token_id in ids:
+                _check(
+                    isinstance(token_id, int) and 0 <= token_id < vocab_size,
+                    f"{label} contains {token_id!r}, outside the vocabulary (0..{vocab_size - 1})",
+                )
+
+
+@dataclass
+class GenerationConfig:
+    """What a pipeline user asks of a generation (lmdeploy's GenerationConfig names)."""
+
+    n: int = 1
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 50
+    min_p: float = 0.0
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    stop_words: list[str] | None = None
+    bad_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    bad_token_ids: list[int] | None = None
+    min_new_tokens: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    include_stop_str_in_output: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_sampling_params(self, tokenizer: Any = None) -> SamplingParams:
+        """Resolve words into token ids with `tokenizer` (needed for bad_words only)."""
+        bad_words_ids: list[tuple[int, ...]] = []
+        for word in self.bad_words or []:
+            if tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer to resolve them into token ids")
+            ids = tuple(tokenizer.encode(word, add_special_tokens=False))
+            if ids:
+                bad_words_ids.append(ids)
+        return SamplingParams(
+            n=self.n,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens or 0,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            # lmdeploy: do_sample=False means greedy search whatever the other knobs say.
+            top_k=self.top_k if self.do_sample else 1,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            bad_token_ids=tuple(self.bad_token_ids or ()),
+            bad_words_ids=tuple(bad_words_ids),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            stop_strings=tuple(self.stop_words or ()),
+            ignore_eos=self.ignore_eos,
+            seed=self.random_seed,
+            logprobs=self.logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )

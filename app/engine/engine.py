@@ -1,0 +1,428 @@
+"""AsyncEngine: the engine loop coroutine, request admission, aborts and output streams.
+
+The loop runs on the caller's asyncio loop: schedule (plain Python), hand the batch to the one
+GPU thread, then turn sampled tokens into text deltas on the loop. A failing step fails the
+requests it carried, never the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from app.engine.block_manager import BlockManager
+from app.engine.builder import build
+from app.engine.config import EngineConfig, SamplingParams
+from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.outputs import RequestOutput, RequestState, SampleState, TokenLogprob
+from app.engine.scheduler import Scheduler, SequenceUpdate
+from app.engine.sequence import FinishReason, Sequence
+from app.engine.sessions import SessionBusyError, SessionManager
+
+if TYPE_CHECKING:  # xgrammar is imported only when a request uses a grammar
+    from app.engine.grammar import CompiledGrammar, GrammarCompiler
+
+log = logging.getLogger("splitfuse.engine")
+
+__all__ = ["AsyncEngine", "RequestOutput", "SessionBusyError"]
+
+
+class AsyncEngine:
+    """Continuous-batching engine; `generate` streams deltas, `abort` frees a request at once."""
+
+    def __init__(self, model: str | os.PathLike | None = None, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="splitfuse-gpu")
+        self.info, self.runner = self._executor.submit(build, model, self.config).result()
+        self.tokenizer = self.info.tokenizer
+        self.max_model_len = self.info.max_model_len
+        self.block_manager = BlockManager(
+            self.info.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        sessions = SessionManager(
+            self.block_manager, self.config.session_ttl, self.config.max_sessions
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_batch_size=self.config.max_batch_size,
+            max_num_batched_tokens=self.config.max_prefill_token_num,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.info.eos_token_ids,
+            sessions=sessions,
+        )
+        self._requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._grammar_compiler: GrammarCompiler | None = None
+        self.last_error: str | None = None
+        self.last_progress = time.monotonic()
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler for this model's tokenizer (made on first use)."""
+        if self._grammar_compiler is None:
+            from app.engine.grammar import GrammarCompiler
+
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.info.vocab_size, stop_token_ids=self.info.eos_token_ids
+            )
+        return self._grammar_compiler
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name or self.info.name
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start the engine loop on the running asyncio loop (idempotent)."""
+        if self.running:
+            return
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        self.abort_all()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+        if self._grammar_compiler is not None:
+            self._grammar_compiler.close()
+
+    # ------------------------------------------------------------------ requests
+    def validate(
+        self, prompt_ids: list[int], params: SamplingParams, session_id: int | None = None
+    ) -> None:
+        """Raise ValueError for a request the engine must refuse."""
+        cfg = self.config
+        params.validate(
+            self.info.vocab_size,
+            cfg.max_n,
+            cfg.max_logprobs,
+            cfg.max_stop_strings,
+            cfg.max_stop_string_len,
+        )
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.info.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
+        if session_id is None and len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens, but the context is "
+                f"{self.max_model_len} tokens (session_len)"
+            )
+        if session_id is not None and params.n != 1:
+            raise ValueError("n > 1 is not supported in an interactive session")
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        session_id: int | None = None,
+        grammar: CompiledGrammar | None = None,
+        stream: bool = True,
+        grammar_after: list[int] | tuple[int, ...] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's deltas; leaving the iteration early aborts the request.
+
+        `grammar` (from `grammar_compiler`) constrains every sample's output. With `stream`
+        False each sample yields one output when it finishes, which costs the loop far less.
+        With `grammar_after` (the token ids that close a reasoning section) the grammar applies
+        only to what follows them."""
+        self.validate(prompt_ids, params, session_id)
+        self.start()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        state = self._admit(request_id, list(prompt_ids), params, session_id, grammar)
+        state.stream = stream
+        if grammar is not None and grammar_after:
+            for sample in state.samples:
+                sample.seq.grammar_gate = tuple(grammar_after)
+        try:
+            while True:
+                output = await state.queue.get()
+                yield output
+                if state.done and state.queue.empty():
+                    return
+        finally:
+            if not state.done:
+                self.abort(request_id)
+            self._requests.pop(request_id, None)
+
+    def _admit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        session_id: int | None,
+        grammar: CompiledGrammar | None,
+    ) -> RequestState:
+        history: list[int] = []
+        if session_id is not None:
+            session = self.scheduler.sessions.begin_turn(session_id, request_id)
+            history = session.history
+        tokens = history + prompt_ids
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            seqs.append(
+                Sequence(
+                    next(self._seq_ids),
+                    request_id,
+                    index,
+                    tokens,
+                    params,
+                    session_id=session_id,
+                    parent=seqs[0] if seqs else None,
+                    grammar=None if grammar is None else grammar.matcher(),
+                )
+            )
+        samples = [
+            SampleState(
+                seq,
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    tokens,
+                    skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                    stop_strings=params.stop_strings,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                ),
+            )
+            for seq in seqs
+        ]
+        state = RequestState(request_id, samples, history_len=len(history))
+        self._requests[request_id] = state
+        if len(tokens) >= self.max_model_len:
+            # A session turn past session_len ends at once, and says so.
+            for seq in seqs:
+                self.scheduler.finish(
+                    seq,
+                    FinishReason.LENGTH,
+                    f"the session holds {len(tokens)} tokens, the limit is "
+                    f"{self.max_model_len} (session_len)",
+                )
+            for sample in samples:
+                state.emit(sample, "", [], None)
+            return state
+        self.scheduler.add(seqs)
+        assert self._wake is not None
+        self._wake.set()
+        return state
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now: its blocks return to the pool, its stream ends with `abort`."""
+        state = self._requests.get(request_id)
+        seqs = self.scheduler.abort(request_id)
+        if state is not None:
+            for sample in state.samples:
+                if not sample.done and sample.seq.is_finished:
+                    state.emit(sample, self._detokenize(sample.seq, sample), [], None)
+        return bool(seqs)
+
+    def abort_all(self) -> int:
+        """Abort every request in flight; return how many there were."""
+        request_ids = list(self._requests)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def end_session(self, session_id: int) -> bool:
+        """End an interactive session (aborting its running turn); True if it existed."""
+        session = self.scheduler.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.busy_request is not None:
+            self.abort(session.busy_request)
+        self.scheduler.sessions.end(session_id)
+        return True
+
+    # --------------------------------------------------------------- engine loop
+    async def _loop(self) -> None:
+        """Schedule, launch, and while the GPU runs step N, detokenize step N-1's tokens."""
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        pending: list[SequenceUpdate] = []  # sampled last step, not yet turned into text
+        while True:
+            if pending and not self.scheduler.has_work:
+                self._process(pending)
+                pending = []
+                continue
+            if not self.scheduler.has_work:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                self._expire_sessions()
+                self.last_progress = time.monotonic()
+                continue
+            out = self.scheduler.schedule()
+            if not out:
+                if pending:  # its stop strings may end sequences and free blocks
+                    self._process(pending)
+                    pending = []
+                    continue
+                self._fail_unschedulable()
+                await asyncio.sleep(0)
+                continue
+            try:
+                masks = self._grammar_rows(out)
+                allowed: Future[Any] | None = Future() if masks else None
+                running = loop.run_in_executor(self._executor, self.runner.execute, out, allowed)
+                if allowed is not None:
+                    # Filled while the GPU thread runs the forward pass.
+                    self._fill_masks(masks, allowed)
+                # A sequence this finishes (a stop string) may be in the step now running: its
+                # blocks are not reused before the next schedule, and its extra token is dropped.
+                self._process(pending)
+                pending = []
+                step = await running
+            except Exception as exc:
+                log.exception(
+                    "engine step failed",
+                    extra={"request_ids": sorted({s.seq.request_id for s in out.scheduled})},
+                )
+                self.last_error = f"engine step failed: {type(exc).__name__}"
+                self._fail(self.scheduler.fail_all(self.last_error))
+                self.block_manager.reset_prefix_cache()
+                continue
+            self.last_error = None
+            self.last_progress = time.monotonic()
+            pending = self.scheduler.update(out, step)
+            for update in pending:  # before the next step's grammar masks are filled
+                self._accept_grammar(update.seq, update.token_id)
+
+    def _grammar_rows(self, out: Any) -> list[Any]:
+        """Each sampling row's grammar matcher (None where unconstrained), or [] if none has one."""
+        matchers = [
+            item.seq.grammar if item.seq.grammar_gate is None else None
+            for item in out.scheduled
+            if item.sample
+        ]
+        return matchers if any(m is not None for m in matchers) else []
+
+    def _fill_masks(self, matchers: list[Any], allowed: Future[Any]) -> None:
+        from app.engine.grammar import allocate_bitmask, bitmask_to_bool
+
+        try:
+            bitmask = allocate_bitmask(len(matchers), self.info.vocab_size)
+            for row, matcher in enumerate(matchers):
+                if matcher is not None:
+                    matcher.fill_bitmask(bitmask, row)
+            allowed.set_result(bitmask_to_bool(bitmask, self.info.vocab_size))
+        except Exception as exc:
+            allowed.set_exception(exc)
+
+    def _accept_grammar(self, seq: Sequence, token_id: int) -> None:
+        if seq.grammar is None or seq.is_finished:
+            return
+        gate = seq.grammar_gate
+        if gate is not None:  # still reasoning: the grammar starts after the closing tag
+            if tuple(seq.output_ids[-len(gate) :]) == gate:
+                seq.grammar_gate = None
+            return
+        if not seq.grammar.accept_token(token_id):
+            self.scheduler.finish(seq, FinishReason.ERROR, "the grammar rejected a token")
+        elif seq.grammar.is_terminated():
+            self.scheduler.finish(seq, FinishReason.STOP)
+
+    def _process(self, updates: list[SequenceUpdate]) -> None:
+        """Turn sampled tokens into text (stop strings end sequences here) and hand them out."""
+        now = time.monotonic()
+        for update in updates:
+            seq = update.seq
+            state = self._requests.get(seq.request_id)
+            if state is None:
+                continue
+            sample = state.samples[seq.index]
+            if sample.done:  # aborted after this token was sampled
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            sample.undecoded.append(update.token_id)
+            text = ""
+            # Without streaming or stop strings, text is only needed once, at the end.
+            if state.stream or seq.params.stop_strings or seq.is_finished:
+                try:
+                    text = self._detokenize(seq, sample)
+                except Exception as exc:
+                    log.exception("detokenization failed", extra={"request_id": seq.request_id})
+                    self.scheduler.finish(seq, FinishReason.ERROR, f"detokenization failed: {exc}")
+            logprobs = None
+            if seq.params.logprobs is not None and update.logprob is not None:
+                logprobs = [
+                    TokenLogprob(update.token_id, update.logprob, update.top_logprobs or [])
+                ]
+            state.emit(sample, text, [update.token_id], logprobs)
+
+    def _detokenize(self, seq: Sequence, sample: SampleState) -> str:
+        tokens, sample.undecoded = sample.undecoded, []
+        if seq.finish_reason is FinishReason.STOP and tokens:
+            tokens = tokens[:-1]  # finished by a stop token (or a completed grammar): not text
+        text = ""
+        if tokens:
+            text, stopped = sample.detokenizer.step(tokens)
+            if stopped:
+                self.scheduler.finish(seq, FinishReason.STOP)
+                return text
+        if seq.is_finished:
+            text += sample.detokenizer.flush()
+        return text
+
+    def _fail(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            state = self._requests.get(seq.request_id)
+            if state is not None:
+                state.emit(state.samples[seq.index], "", [], None)
+
+    def _fail_unschedulable(self) -> None:
+        """Nothing fits although nothing runs: the head request can never get its blocks."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return
+        seq = self.scheduler.waiting[0]
+        self.scheduler.finish(seq, FinishReason.ERROR, "the request does not fit in the KV cache")
+        self._fail([seq])
+
+    def _expire_sessions(self) -> None:
+        for session_id in self.scheduler.sessions.expired():
+            self.end_session(session_id)
+
+    # --------------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        bm, sched = self.block_manager, self.scheduler
+        return {
+            "num_requests_running": len(sched.running),
+            "num_requests_waiting": len(sched.waiting),
+            "kv_cache_usage_perc": bm.usage,
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "prefix_cache_queries": bm.stats.queries,
+            "prefix_cache_hits": bm.stats.hits,
+            "num_preemptions": sched.stats.num_preemptions,
+            "prompt_tokens_computed": sched.stats.prompt_tokens_computed,
+            "generation_tokens": sched.stats.generation_tokens,
+            "num_sessions": len(sched.sessions),
+        }

@@ -1,0 +1,214 @@
+"""The GPU-thread side: scheduler output -> input tensors -> forward -> sampled tokens.
+
+Everything here runs in the engine's single executor thread; it is the only code that touches
+the device. Input tensors are built in one place from Python lists and copied to the device
+without blocking.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from app.engine.cuda_graphs import DecodeGraphs
+from app.engine.models.registry import KVCacheSpec
+from app.engine.sampler import Sampler, SamplingRow
+from app.engine.scheduler import SchedulerOutput, StepOutput
+from app.kernels.attention import AttentionMetadata
+
+
+@dataclass
+class ModelInput:
+    """The tensors of one step, built from a SchedulerOutput."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    attn: AttentionMetadata
+    logit_rows: torch.Tensor  # int64 [R]: rows of the hidden states that need logits
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors, per-sequence generators and the sampler."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_spec: KVCacheSpec,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        eos_token_ids: tuple[int, ...],
+    ):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        # One block past the pool is scratch space for CUDA-graph padding rows.
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
+        self.kv_caches = [
+            (
+                torch.empty(shape, dtype=dtype, device=device),
+                torch.empty(shape, dtype=dtype, device=device),
+            )
+            for _ in range(kv_spec.num_layers)
+        ]
+        self.sampler = Sampler()
+        self._generators: dict[int, torch.Generator] = {}
+        self._pin = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        """Capture decode graphs (CUDA only); afterwards pure decode steps replay them."""
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            max_batch_size,
+            max_model_len,
+            self.block_size,
+            self.scratch_block,
+            self.device,
+        )
+        graphs.capture()
+        self.graphs = graphs
+
+    def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits from a decode graph, or None when the step is not a plain decode batch."""
+        graphs = self.graphs
+        if graphs is None:
+            return None
+        items = out.scheduled
+        if not graphs.fits(len(items), max(len(i.block_table) for i in items)):
+            return None
+        bs = self.block_size
+        input_ids, positions, slots, seq_lens = [], [], [], []
+        for item in items:
+            if item.num_new_tokens != 1 or not item.sample or item.seq.params.prompt_logprobs:
+                return None
+            pos = item.start_pos
+            input_ids.append(item.token_ids[0])
+            positions.append(pos)
+            slots.append(item.block_table[pos // bs] * bs + pos % bs)
+            seq_lens.append(pos + 1)
+        return graphs.run(
+            input_ids, positions, slots, seq_lens, [item.block_table for item in items]
+        )
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
+        return t.to(self.device, non_blocking=True)
+
+    def prepare(self, out: SchedulerOutput) -> ModelInput:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        logit_rows: list[int] = []
+        bs = self.block_size
+        max_blocks = max(len(item.block_table) for item in out.scheduled)
+        block_tables: list[list[int]] = []
+        for item in out.scheduled:
+            start, n = item.start_pos, item.num_new_tokens
+            row0 = len(input_ids)
+            input_ids.extend(item.token_ids)
+            positions.extend(range(start, start + n))
+            table = item.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            block_tables.append([*table, *([0] * (max_blocks - len(table)))])
+            if item.seq.params.prompt_logprobs and start < item.seq.num_prompt_tokens:
+                logit_rows.extend(range(row0, row0 + n - (1 if item.sample else 0)))
+            if item.sample:
+                logit_rows.append(row0 + n - 1)
+        query_start = [0]
+        for n in query_lens:
+            query_start.append(query_start[-1] + n)
+        attn = AttentionMetadata(
+            query_start_loc=self._tensor(query_start, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=self._tensor(block_tables, torch.int32),
+            slot_mapping=self._tensor(slots, torch.int64),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+        )
+        return ModelInput(
+            self._tensor(input_ids, torch.int64),
+            self._tensor(positions, torch.int64),
+            attn,
+            self._tensor(logit_rows, torch.int64),
+        )
+
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput, allowed: Future[torch.Tensor] | None = None
+    ) -> StepOutput:
+        """Run one step. `allowed`, when given, resolves (while the forward runs) to the grammar
+        mask of the sampling rows: bool [rows, vocab]."""
+        for seq_id in out.released_seq_ids:
+            self._generators.pop(seq_id, None)
+        step = StepOutput()
+        if not out.scheduled:
+            return step
+        logits = self._graph_logits(out)
+        if logits is None:
+            inp = self.prepare(out)
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
+            logits = self.model.compute_logits(hidden[inp.logit_rows])
+
+        sample_rows: list[int] = []
+        rows: list[SamplingRow] = []
+        cursor = 0
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.params.prompt_logprobs and item.start_pos < seq.num_prompt_tokens:
+                cursor = self._prompt_logprobs(step, item, logits, cursor)
+            if item.sample:
+                sample_rows.append(cursor)
+                cursor += 1
+                rows.append(
+                    SamplingRow(
+                        seq.params,
+                        seq.prompt_ids,
+                        seq.output_ids,
+                        self._generator(seq.seq_id, seq.params.seed, seq.index),
+                        self.eos_token_ids,
+                    )
+                )
+        if rows:
+            mask = None if allowed is None else allowed.result().to(self.device, non_blocking=True)
+            sampled = self.sampler(logits[sample_rows], rows, mask)
+            step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
+            step.top_logprobs = sampled.top_logprobs
+        return step
+
+    def _prompt_logprobs(self, step: StepOutput, item, logits: torch.Tensor, cursor: int) -> int:
+        """Log-probability of each next prompt token inside this chunk."""
+        seq = item.seq
+        n = item.num_new_tokens - (1 if item.sample else 0)
+        targets = seq.token_ids_slice(item.start_pos + 1, item.start_pos + 1 + n)
+        rows = torch.log_softmax(logits[cursor : cursor + n].float(), dim=-1)
+        picked = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0]
+        # A chunk that ends at the prompt's end computes the last prompt token's successor in the
+        # sampling row, which belongs to the output, not the prompt.
+        step.prompt_logprobs[seq.seq_id] = picked.tolist()[
+            : max(0, seq.num_prompt_tokens - 1 - item.start_pos)
+        ]
+        return cursor + n
+
+    def _generator(self, seq_id: int, seed: int | None, index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        generator = self._generators.get(seq_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed + index)
+            self._generators[seq_id] = generator
+        return generator

@@ -1,0 +1,301 @@
+"""Continuous batching with split-fuse: one token budget per step, decodes first.
+
+Plain Python. Each sequence's `num_computed_tokens` catches up with `num_tokens`: running decodes
+take one token each, then unfinished prefill chunks and waiting requests share what is left of
+`max_prefill_token_num`. When blocks run out the latest arrival is preempted and recomputed later.
+Every status transition happens here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from app.engine.block_manager import BlockManager
+from app.engine.sequence import FinishReason, Sequence, SequenceStatus
+from app.engine.sessions import SessionManager
+
+
+@dataclass
+class ScheduledSequence:
+    """One sequence's share of a step, with a snapshot of what the runner reads."""
+
+    seq: Sequence
+    num_new_tokens: int
+    start_pos: int  # num_computed_tokens when scheduled
+    token_ids: list[int]  # the tokens computed this step
+    block_table: tuple[int, ...]  # a copy: an abort may free the sequence's table mid-step
+    sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+
+    @classmethod
+    def plan(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        return cls(
+            seq,
+            num_new_tokens,
+            start,
+            seq.token_ids_slice(start, end),
+            tuple(seq.block_table),
+            end == seq.num_tokens,
+        )
+
+
+@dataclass
+class SchedulerOutput:
+    """Which sequences run this step and how many tokens each computes; no tensors."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    released_seq_ids: list[int] = field(default_factory=list)  # finished since the last step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+@dataclass
+class StepOutput:
+    """What the runner sampled, one entry per scheduled sequence with `sample` set (in order)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> chunk's
+
+
+@dataclass
+class SequenceUpdate:
+    seq: Sequence
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prompt_tokens_computed: int = 0  # prefill work actually done (prefix-cache hits excluded)
+    generation_tokens: int = 0
+
+
+class Scheduler:
+    """Moves sequences between the waiting and running queues under a per-step token budget."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_batch_size: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+        sessions: SessionManager,
+    ):
+        self.block_manager = block_manager
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.sessions = sessions
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+        self._released: list[int] = []
+
+    # ------------------------------------------------------------------ queues
+    def add(self, seqs: list[Sequence]) -> None:
+        self.waiting.extend(seqs)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: FinishReason, message: str | None = None) -> None:
+        """End `seq`: free its blocks, or hand them to its session."""
+        if seq.is_finished:
+            return
+        was_running = seq.status is SequenceStatus.RUNNING
+        seq.finish(reason, message)
+        if was_running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._released.append(seq.seq_id)
+        session = self.sessions.get(seq.session_id) if seq.session_id is not None else None
+        if session is not None and session.busy_request == seq.request_id and seq.index == 0:
+            if seq.first_scheduled_time is None:
+                # The turn never ran (refused or cancelled while queued): the session is as
+                # it was, its history and its KV blocks included.
+                self.block_manager.free(seq)
+                self.sessions.end_turn(
+                    session,
+                    session.history,
+                    session.num_computed_tokens,
+                    session.block_table,
+                    session.block_hashes,
+                )
+            elif reason is FinishReason.ERROR:
+                self.block_manager.free(seq)
+                self.sessions.end_turn(session, session.history, 0, [], [])
+            else:
+                blocks, hashes = self.block_manager.detach(seq)
+                self.sessions.end_turn(
+                    session, seq.all_token_ids, seq.num_computed_tokens, blocks, hashes
+                )
+        else:
+            self.block_manager.free(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        seqs = [s for s in (*self.running, *self.waiting) if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, FinishReason.ABORT)
+        return seqs
+
+    def fail_all(self, message: str) -> list[Sequence]:
+        seqs = [*self.running, *self.waiting]
+        for seq in seqs:
+            self.finish(seq, FinishReason.ERROR, message)
+        return seqs
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(released_seq_ids=self._released)
+        self._released = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+        planned: dict[int, ScheduledSequence] = {}
+        # Decodes first, then unfinished prefill chunks, each group in arrival order.
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        bs = self.block_manager.block_size
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted a moment ago
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if (seq.num_computed_tokens + n + bs - 1) // bs <= len(seq.block_table):
+                # Most decodes: the last block still has room, nothing to allocate.
+                planned[seq.seq_id] = ScheduledSequence.plan(seq, n)
+                budget -= n
+                continue
+            while not self.block_manager.can_allocate(seq, n):
+                if self.sessions.release_idle_lru():
+                    continue
+                victim = self.running[-1]
+                preempted = True
+                self._preempt(victim)
+                if victim is seq:
+                    break
+                if victim.seq_id in planned:
+                    budget += planned.pop(victim.seq_id).num_new_tokens
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self.block_manager.allocate(seq, n)
+            planned[seq.seq_id] = ScheduledSequence.plan(seq, n)
+            budget -= n
+
+        if not preempted:
+            budget = self._admit_waiting(planned, budget)
+        out.scheduled = list(planned.values())
+        return out
+
+    def _admit_waiting(self, planned: dict[int, ScheduledSequence], budget: int) -> int:
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting.popleft()
+            parent = seq.parent
+            if (
+                parent is not None
+                and not parent.is_finished
+                and parent.num_computed_tokens < parent.num_prompt_tokens - 1
+            ):
+                skipped.append(seq)  # wait for the first sample to compute the shared prompt
+                continue
+            if not seq.block_table and seq.num_computed_tokens == 0:
+                self._reuse_computed_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                if not self.sessions.release_idle_lru():
+                    break
+            if not self.block_manager.can_allocate(seq, n):
+                # Hold nothing while waiting: reused blocks stay cached and are found again.
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                self.waiting.appendleft(seq)
+                break
+            self.block_manager.allocate(seq, n)
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            planned[seq.seq_id] = ScheduledSequence.plan(seq, n)
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _reuse_computed_prefix(self, seq: Sequence) -> None:
+        """Start from KV that already exists: a sibling's, the session's, or the prefix cache's."""
+        bm = self.block_manager
+        session = self.sessions.get(seq.session_id) if seq.session_id is not None else None
+        if seq.parent is not None and seq.parent.block_table:
+            bm.fork(seq.parent, seq)
+        elif session is not None and session.block_table:
+            blocks, hashes, computed = self.sessions.take_blocks(session)
+            bm.adopt(seq, blocks, hashes, computed)
+        elif not seq.params.prompt_logprobs:
+            bm.match_prefix(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats.num_preemptions += 1
+
+    # ----------------------------------------------------------------- update
+    def update(self, out: SchedulerOutput, step: StepOutput) -> list[SequenceUpdate]:
+        """Advance counters, append sampled tokens, apply token-level stops."""
+        updates: list[SequenceUpdate] = []
+        row = 0
+        for item in out.scheduled:
+            seq = item.seq
+            if item.sample:
+                sampled = (step.token_ids[row], step.logprobs[row], step.top_logprobs[row])
+                row += 1
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.stats.prompt_tokens_computed += min(
+                    item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
+                )
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(seq)
+            chunk_logprobs = step.prompt_logprobs.get(seq.seq_id)
+            if chunk_logprobs is not None and len(seq.prompt_logprobs) == item.start_pos:
+                seq.prompt_logprobs.extend(chunk_logprobs)  # not again when recomputing
+            if not item.sample:
+                continue
+            token_id, logprob, top = sampled
+            seq.output_ids.append(token_id)
+            self.stats.generation_tokens += 1
+            updates.append(SequenceUpdate(seq, token_id, logprob, top))
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+        return updates
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_new_tokens and (
+            token_id in params.stop_token_ids
+            or (not params.ignore_eos and token_id in self.eos_token_ids)
+        ):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,223 @@
+"""Paged decode attention (one new query token per sequence) as flash-decoding in Triton.
+
+Each program owns one (sequence, kv head, context split): it gathers that split's keys/values
+through the block table, scores them against all query heads of the kv head's GQA group at
+once (so K/V are read from memory once per group), and leaves a partial output plus its
+log-sum-exp. A second kernel merges the splits. With one split the first kernel writes the
+output directly. The reference is `paged_attention_ref` with every query length 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from app.kernels.paged_tile import LOG2E, attend_tile, check_head_dim, dot_precision
+
+MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
+MAX_SPLITS = 64
+PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide memory latency
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Splits per sequence: enough programs to fill the GPU, never splits shorter than
+    MIN_SPLIT_TOKENS. Depends only on shapes, so a CUDA graph keeps its choice on replay."""
+    programs = num_seqs * num_kv_heads
+    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
+    useful = triton.cdiv(max_context, MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the Triton interpreter (CPU tensors): nothing to fill
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    window,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # The query sits at seq_len - 1, so a window leaves exactly the keys from seq_len - window.
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    # Splits are whole BLOCK_N tiles so that only a split's last tile needs masking.
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(seq_len, start + per_split)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+
+    rows = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + rows
+    row_ok = rows < GROUP  # tl.dot needs >= 16 rows; the padding rows are never stored
+    d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
+
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    row_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, row_max, row_sum = attend_tile(
+            q, acc, row_max, row_sum, k_base, v_base, table_row, n0, end, q_pos, window,
+            scale_log2,
+            stride_kb, stride_ks, stride_vb, stride_vs,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )  # fmt: skip
+    if full_end < end:
+        acc, row_max, row_sum = attend_tile(
+            q, acc, row_max, row_sum, k_base, v_base, table_row, full_end, end, q_pos, window,
+            scale_log2,
+            stride_kb, stride_ks, stride_vb, stride_vs,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
+
+    # An empty split (short context, many splits) has row_sum 0 and gets weight 0 below.
+    has_keys = row_sum > 0
+    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    if SINGLE_SPLIT:
+        o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (seq * NUM_HEADS + heads).to(tl.int64) * num_splits + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+        log_sum = tl.log2(tl.where(has_keys, row_sum, 1.0))
+        lse = tl.where(has_keys, row_max + log_sum, float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    split_ok = s < num_splits
+    part = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + s
+    lse = tl.load(part_lse_ptr + part, mask=split_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+    parts_ptrs = part_out_ptr + part[:, None] * HEAD_DIM + d[None, :]
+    parts = tl.load(parts_ptrs, mask=split_ok[:, None], other=0.0)
+    total = tl.sum(weight, 0)
+    # A sequence with no keys at all (a zero-length padding row) gets zeros, not NaN.
+    out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence `q [B, H, hd]` over its first seq_lens[b] cached
+    positions; returns `[B, H, hd]` in q's dtype (written into `out` when given).
+
+    Launches read only tensor shapes on the host, never tensor values, so the call can be
+    captured in a CUDA graph; `num_splits` defaults to a choice from the batch size and the
+    block table's width.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    check_head_dim(head_dim)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_splits is None:
+        max_context = block_tables.shape[1] * block_size
+        num_sms = _num_sms(q.device)
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, num_sms)
+    group = num_heads // num_kv_heads
+    single = num_splits == 1
+    part_out = part_lse = out  # unused by the single-split kernel; any tensor fills the slot
+    if not single:
+        part_lse = torch.empty(
+            num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device
+        )
+        part_out = torch.empty(
+            num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        scale * LOG2E, sliding_window or 0, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=64 if head_dim * q.element_size() <= 256 else 32,  # 16 KiB of K per tile
+        SINGLE_SPLIT=single,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4,
+    )  # fmt: skip
+    if not single:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
+    return out

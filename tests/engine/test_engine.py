@@ -1,0 +1,225 @@
+"""AsyncEngine mechanics on a tiny random model: sessions, aborts, n > 1, injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from app.engine.config import EngineConfig, SamplingParams
+from app.engine.engine import AsyncEngine, RequestOutput, SessionBusyError
+
+LONG = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> AsyncEngine:
+    eng = AsyncEngine(str(tiny_model_dir), EngineConfig(block_size=16, max_prefill_token_num=64))
+    yield eng
+    eng.shutdown()
+
+
+def run(engine: AsyncEngine, body: Callable[[], Awaitable[object]]) -> object:
+    async def main() -> object:
+        try:
+            return await body()
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+async def collect(
+    engine: AsyncEngine, ids: list[int], params: SamplingParams, **kwargs: object
+) -> list[RequestOutput]:
+    return [out async for out in engine.generate(ids, params, **kwargs)]
+
+
+def idle(engine: AsyncEngine) -> bool:
+    stats = engine.stats()
+    return stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
+
+
+def test_session_turns_prefill_only_new_tokens(engine: AsyncEngine) -> None:
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+
+    async def body() -> None:
+        turn1 = await collect(engine, list(range(100, 140)), params, session_id=7)
+        assert turn1[-1].history_tokens == 0 and turn1[-1].prompt_tokens == 40
+        before = engine.stats()["prompt_tokens_computed"]
+        turn2 = await collect(engine, list(range(200, 210)), params, session_id=7)
+        computed = engine.stats()["prompt_tokens_computed"] - before
+        assert turn2[-1].history_tokens == 45 and turn2[-1].prompt_tokens == 10
+        # The 10 new tokens, plus turn 1's last sampled token whose KV was never computed.
+        assert computed == 11
+        assert engine.end_session(7)
+        assert not engine.end_session(7)
+
+    run(engine, body)
+    assert engine.block_manager.usage == 0.0
+
+
+def test_session_turn_past_session_len_ends_with_length(tiny_model_dir: Path) -> None:
+    eng = AsyncEngine(str(tiny_model_dir), EngineConfig(block_size=16, session_len=64))
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
+
+    async def body() -> None:
+        await collect(eng, list(range(100, 130)), params, session_id=1)
+        second = await collect(eng, list(range(100, 130)), params, session_id=1)
+        assert second[-1].finish_reason == "length"
+        assert second[-1].completion_tokens < 20
+        # The refused turn left the session as it was (50 tokens), blocks and all: a short
+        # third turn runs until the session is full.
+        third = await collect(eng, [5], params, session_id=1)
+        assert third[-1].history_tokens == 50
+        assert third[-1].finish_reason == "length" and third[-1].completion_tokens == 64 - 51
+        assert third[-1].cached_tokens == 49
+
+    run(eng, body)
+    eng.shutdown()
+
+
+def test_concurrent_turn_on_busy_session_refused(engine: AsyncEngine) -> None:
+    async def body() -> None:
+        first = engine.generate(list(range(100, 120)), LONG, session_id=3)
+        await first.__anext__()
+        with pytest.raises(SessionBusyError):
+            await collect(engine, [5, 6], LONG, session_id=3)
+        await first.aclose()  # leaving the stream aborts the turn
+        assert idle(engine)
+        assert engine.scheduler.sessions.get(3).busy_request is None
+        engine.end_session(3)
+
+    run(engine, body)
+    assert engine.block_manager.usage == 0.0
+
+
+def test_abort_frees_blocks_and_ends_stream(engine: AsyncEngine) -> None:
+    async def body() -> None:
+        stream = engine.generate(list(range(100, 150)), LONG, request_id="abort-me")
+        await stream.__anext__()
+        assert engine.stats()["num_requests_running"] == 1
+        assert engine.abort("abort-me")
+        rest = [out async for out in stream]
+        assert rest[-1].finish_reason == "abort"
+        assert idle(engine) and engine.block_manager.usage == 0.0
+
+    run(engine, body)
+
+
+def test_n_samples_share_prompt_and_differ(engine: AsyncEngine) -> None:
+    params = SamplingParams(n=3, max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+
+    async def body() -> list[RequestOutput]:
+        return await collect(engine, list(range(100, 180)), params)
+
+    outputs = run(engine, body)
+    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for out in outputs:
+        tokens[out.index] += out.token_ids
+    assert all(len(t) == 8 for t in tokens.values())
+    assert len({tuple(t) for t in tokens.values()}) == 3
+    finals = [o for o in outputs if o.finish_reason is not None]
+    assert sorted(o.index for o in finals) == [0, 1, 2]
+    assert all(o.cached_tokens >= 64 for o in finals if o.index > 0)
+
+
+def test_forward_exception_fails_inflight_and_engine_recovers(
+    engine: AsyncEngine, monkeypatch
+) -> None:
+    model = engine.runner.model
+    original = model.forward
+    calls = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected forward failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", flaky)
+
+    async def body() -> None:
+        results = await asyncio.gather(
+            *(collect(engine, list(range(100 + i, 130)), LONG) for i in range(3))
+        )
+        for outputs in results:
+            assert outputs[-1].finish_reason == "error"
+            assert "injected" not in (outputs[-1].error or "")  # no internals leak
+        assert engine.last_error is not None
+        assert idle(engine) and engine.block_manager.usage == 0.0
+        ok = await collect(
+            engine, [100, 101, 102], SamplingParams(max_new_tokens=3, temperature=0.0)
+        )
+        assert ok[-1].finish_reason in ("stop", "length")
+        assert engine.last_error is None
+
+    run(engine, body)
+
+
+def test_detokenizer_exception_fails_only_its_request(engine: AsyncEngine, monkeypatch) -> None:
+    async def body() -> None:
+        good = asyncio.ensure_future(collect(engine, list(range(100, 120)), LONG))
+        bad_stream = engine.generate(list(range(300, 320)), LONG, request_id="bad")
+        first = await bad_stream.__anext__()
+        sample = engine._requests["bad"].samples[0]
+
+        def boom(ids: object) -> tuple[str, bool]:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(sample.detokenizer, "step", boom)
+        rest = [first] + [out async for out in bad_stream]
+        assert rest[-1].finish_reason == "error"
+        outputs = await good
+        assert outputs[-1].finish_reason == "length"
+        assert sum(len(o.token_ids) for o in outputs) == 64
+
+    run(engine, body)
+
+
+@pytest.mark.parametrize(
+    ("ids", "params", "message"),
+    [
+        ([], SamplingParams(), "empty"),
+        ([10**6], SamplingParams(), "vocabulary"),
+        ([1, 2], SamplingParams(n=99), "n must"),
+        ([1, 2], SamplingParams(logprobs=1000), "logprobs"),
+        ([1, 2], SamplingParams(logit_bias=((10**7, 1.0),)), "logit_bias"),
+        ([1, 2], SamplingParams(stop_strings=("x",) * 100), "stop strings"),
+        ([1, 2], SamplingParams(min_new_tokens=10, max_new_tokens=5), "min_new_tokens"),
+        ([1, 2], SamplingParams(top_k=-1), "top_k"),
+        ([1, 2], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+    ],
+)
+def test_validation(
+    engine: AsyncEngine, ids: list[int], params: SamplingParams, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        engine.validate(ids, params)
+
+
+def test_grammar_applies_after_the_reasoning_gate(engine: AsyncEngine) -> None:
+    from app.engine.grammar_spec import GrammarSpec
+
+    gate = 1234
+    compiled = engine.grammar_compiler.compile_sync(GrammarSpec.for_regex("[ab]+"))
+    # The bias makes the gate token the model's first choice every step; once it has been
+    # sampled the grammar takes over and only "a"/"b" text may follow.
+    params = SamplingParams(
+        max_new_tokens=12, temperature=0.0, ignore_eos=True, logit_bias=((gate, 100.0),)
+    )
+
+    async def body() -> list[int]:
+        outputs = await collect(
+            engine, [100, 101, 102], params, grammar=compiled, grammar_after=[gate], stream=False
+        )
+        return outputs[-1].token_ids
+
+    tokens = run(engine, body)
+    assert tokens[0] == gate
+    assert re.fullmatch("[ab]+", engine.tokenizer.decode(tokens[1:]))
+    unconstrained = run(engine, lambda: collect(engine, [100, 101, 102], params, stream=False))
+    assert unconstrained[-1].token_ids == [gate] * 12  # without the grammar: the bias wins

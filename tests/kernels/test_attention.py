@@ -1,0 +1,135 @@
+"""paged_attention_ref against dense per-sequence causal attention on random mixed batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from app.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
+# (context length after this step, new tokens this step): decode, full prefill, a mid-sequence
+# chunk, a first-token decode and a chunk that ends exactly on a block edge.
+MIXED_BATCH = [(9, 1), (7, 7), (13, 5), (1, 1), (16, 3)]
+
+
+def _metadata(
+    batch: list[tuple[int, int]], block_size: int, num_blocks: int, gen: torch.Generator
+) -> tuple[AttentionMetadata, list[list[int]]]:
+    """Give each sequence blocks drawn from a shuffled pool so tables are non-contiguous."""
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for seq_len, _ in batch:
+        need = math.ceil(seq_len / block_size)
+        tables.append([pool.pop() for _ in range(need)])
+    width = max(len(t) for t in tables)
+    slots = []
+    for (seq_len, query_len), table in zip(batch, tables, strict=True):
+        for pos in range(seq_len - query_len, seq_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    query_lens = [q for _, q in batch]
+    seq_lens = [s for s, _ in batch]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(
+            [0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32
+        ),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+    )
+    return meta, tables
+
+
+def _dense_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+) -> torch.Tensor:
+    """Attention of the last q.shape[0] positions of one sequence over its full k/v."""
+    seq_len, query_len = k.shape[0], q.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    q_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
+    k_pos = torch.arange(seq_len)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def _run(
+    batch: list[tuple[int, int]],
+    block_size: int,
+    dtype: torch.dtype,
+    num_kv_heads: int = NUM_KV_HEADS,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(block_size * 1000 + len(batch))
+    num_blocks = sum(math.ceil(s / block_size) for s, _ in batch) + 3
+    meta, tables = _metadata(batch, block_size, num_blocks, gen)
+    # Unwritten slots hold NaN: the kernel must never let them reach a real query's output.
+    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    scale = HEAD_DIM**-0.5
+
+    qs, expected = [], []
+    for (seq_len, query_len), table in zip(batch, tables, strict=True):
+        k = torch.randn(seq_len, num_kv_heads, HEAD_DIM, generator=gen)
+        v = torch.randn(seq_len, num_kv_heads, HEAD_DIM, generator=gen)
+        q = torch.randn(query_len, NUM_HEADS, HEAD_DIM, generator=gen)
+        pos = torch.arange(seq_len)
+        slots = torch.tensor(table)[pos // block_size] * block_size + pos % block_size
+        write_kv_cache(k.to(dtype), v.to(dtype), k_cache, v_cache, slots)
+        qs.append(q)
+        ref_k, ref_v = k.to(dtype).float(), v.to(dtype).float()
+        expected.append(_dense_reference(q.to(dtype).float(), ref_k, ref_v, scale, window))
+
+    out = paged_attention(
+        torch.cat(qs).to(dtype), k_cache, v_cache, meta, scale, sliding_window=window
+    )
+    assert out.dtype == dtype
+    return out, torch.cat(expected)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("num_kv_heads", [NUM_KV_HEADS, NUM_HEADS], ids=["gqa", "mha"])
+def test_mixed_batch_matches_dense(block_size: int, num_kv_heads: int) -> None:
+    out, expected = _run(MIXED_BATCH, block_size, torch.float32, num_kv_heads)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "batch", [[(12, 1)], [(5, 5)], [(30, 6)]], ids=["decode", "prefill", "chunk"]
+)
+def test_single_sequence_kinds(batch: list[tuple[int, int]]) -> None:
+    out, expected = _run(batch, 4, torch.float32)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window() -> None:
+    out, expected = _run(MIXED_BATCH, 4, torch.float32, window=3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_float32(dtype: torch.dtype) -> None:
+    out, expected = _run(MIXED_BATCH, 16, dtype)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_write_kv_cache_places_tokens_at_slots() -> None:
+    k_cache = torch.zeros(3, 4, 2, 8)
+    v_cache = torch.zeros(3, 4, 2, 8)
+    k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    write_kv_cache(k, v, k_cache, v_cache, torch.tensor([9, 2]))
+    torch.testing.assert_close(k_cache[2, 1], k[0])
+    torch.testing.assert_close(v_cache[0, 2], v[1])
+    assert k_cache.count_nonzero() == k[0].count_nonzero() + k[1].count_nonzero()

@@ -1,0 +1,131 @@
+"""The Triton decode and prefill attention kernels against `paged_attention_ref` on random paged
+batches (tiny shapes, so they also run under TRITON_INTERPRET=1 on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_batch import DEVICE, HALF_DTYPES, close, nan_like, needs_triton, paged_batch
+
+from app.kernels.attention import paged_attention, paged_attention_ref
+from app.kernels.decode_attention import decode_num_splits, paged_decode_attention
+from app.kernels.prefill_attention import paged_prefill_attention
+
+pytestmark = needs_triton
+
+# Context lengths spanning one, several and a partial key tile (BLOCK_N is 64 or 32).
+DECODES = [(1, 1), (17, 1), (100, 1), (250, 1)]
+# (context after this step, new tokens): a decode, a whole prompt, a chunk after a cached
+# prefix, a first-token decode, a chunk ending mid-block, a prompt of exactly one key tile and
+# a chunk whose first query sits one key short of a whole unmasked tile.
+MIXED = [(9, 1), (7, 7), (130, 70), (1, 1), (200, 3), (64, 64), (71, 9)]
+
+
+def _decode(batch, *, splits, window=None, **shape) -> None:
+    b = paged_batch(batch, **shape)
+    scale = shape["head_dim"] ** -0.5
+    out = paged_decode_attention(
+        b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale,
+        sliding_window=window, num_splits=splits, out=nan_like(b.q),
+    )  # fmt: skip
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, sliding_window=window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **close(shape["dtype"]))
+
+
+def _prefill(batch, *, window=None, **shape) -> None:
+    b = paged_batch(batch, **shape)
+    scale = shape["head_dim"] ** -0.5
+    out = paged_prefill_attention(
+        b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens,
+        b.meta.query_start_loc, scale, sliding_window=window, out=nan_like(b.q),
+    )  # fmt: skip
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, sliding_window=window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **close(shape["dtype"]))
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_decode_gqa_float32(splits: int) -> None:
+    _decode(
+        DECODES, splits=splits, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])  # float32 takes narrower tiles
+def test_decode_head_dim_128(dtype: torch.dtype) -> None:
+    _decode(
+        DECODES, splits=2, num_heads=4, num_kv_heads=1, head_dim=128, block_size=32,
+        dtype=dtype,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_sliding_window(splits: int) -> None:
+    _decode(
+        DECODES, splits=splits, window=90, num_heads=4, num_kv_heads=2, head_dim=32,
+        block_size=16, dtype=torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("heads", [(3, 3), (6, 2)], ids=["mha", "group3"])
+def test_decode_head_layouts(heads: tuple[int, int]) -> None:
+    _decode(
+        DECODES, splits=2, num_heads=heads[0], num_kv_heads=heads[1], head_dim=32,
+        block_size=64, dtype=torch.float32,
+    )  # fmt: skip
+
+
+def test_decode_num_splits_fills_the_gpu() -> None:
+    assert decode_num_splits(1, 8, 8192, 132) == 64
+    assert decode_num_splits(1, 8, 1024, 132) == 8  # no split under MIN_SPLIT_TOKENS
+    assert decode_num_splits(16, 8, 8192, 132) == 5
+    assert decode_num_splits(256, 8, 8192, 132) == 1
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_prefill_mixed_batch_float32(block_size: int) -> None:
+    _prefill(
+        MIXED, num_heads=4, num_kv_heads=2, head_dim=64, block_size=block_size,
+        dtype=torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])  # float32 takes narrower tiles
+def test_prefill_head_dim_128(dtype: torch.dtype) -> None:
+    _prefill(
+        MIXED, num_heads=8, num_kv_heads=2, head_dim=128, block_size=32, dtype=dtype,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [[(90, 90)], [(150, 100)]], ids=["prompt", "chunk"])
+def test_prefill_single_sequence(batch: list[tuple[int, int]]) -> None:
+    _prefill(
+        batch, num_heads=4, num_kv_heads=1, head_dim=32, block_size=32, dtype=torch.float32,
+    )  # fmt: skip
+
+
+def test_prefill_sliding_window() -> None:
+    _prefill(
+        MIXED, window=24, num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("heads", [(3, 3), (6, 2)], ids=["mha", "group3"])
+def test_prefill_head_layouts(heads: tuple[int, int]) -> None:
+    _prefill(
+        MIXED, num_heads=heads[0], num_kv_heads=heads[1], head_dim=32, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="dispatch to Triton happens on CUDA tensors")
+@pytest.mark.parametrize("batch", [DECODES, MIXED], ids=["decode", "mixed"])
+def test_paged_attention_dispatches_on_cuda(batch: list[tuple[int, int]]) -> None:
+    b = paged_batch(batch, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
+                    dtype=torch.bfloat16)  # fmt: skip
+    out = paged_attention(b.q, b.k_cache, b.v_cache, b.meta, 0.1)
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, 0.1)
+    torch.testing.assert_close(out, ref, **close(torch.bfloat16))
