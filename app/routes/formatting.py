@@ -1,0 +1,121 @@
+"""OpenAI's shapes for what the engine streams back: logprobs, usage, SSE framing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from sse_starlette import EventSourceResponse
+
+from app.engine.detokenizer import token_to_text
+from app.engine.engine import RequestOutput
+from app.engine.outputs import TokenLogprob
+from app.errors import error_body
+
+log = logging.getLogger("splitfuse.server")
+
+
+def _logprob_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
+    text = token_to_text(tokenizer, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    content = []
+    for lp in logprobs:
+        entry = _logprob_entry(tokenizer, lp.token_id, lp.logprob)
+        entry["top_logprobs"] = [_logprob_entry(tokenizer, t, v) for t, v in lp.top]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(
+    tokenizer: Any,
+    logprobs: list[TokenLogprob] | None,
+    offset: int,
+    prompt: tuple[list[int], list[float]] | None = None,
+) -> dict[str, Any] | None:
+    """The legacy shape; `prompt` (ids, logprobs of ids[1:]) leads it when echo asks for it."""
+    if logprobs is None:
+        return None
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+
+    def add(text: str, value: float | None, top: dict[str, float] | None) -> None:
+        nonlocal offset
+        tokens.append(text)
+        values.append(value)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+
+    if prompt is not None:
+        ids, prompt_values = prompt
+        for i, token_id in enumerate(ids):
+            text = token_to_text(tokenizer, token_id)
+            # The first prompt token has no context, so no logprob (as OpenAI answers).
+            value = prompt_values[i - 1] if 0 < i <= len(prompt_values) else None
+            add(text, value, None if value is None else {text: value})
+    for lp in logprobs:
+        top = {token_to_text(tokenizer, t): v for t, v in lp.top}
+        add(token_to_text(tokenizer, lp.token_id), lp.logprob, top or None)
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+class Usage:
+    """A request's token counts as its deltas arrive, for any number of prompts and samples.
+
+    Cached tokens are counted once per prompt (from its first sample): its siblings share the
+    prompt's KV, which no client would call a cache hit.
+    """
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self._completion: dict[tuple[int, int], int] = {}
+        self._cached: dict[int, int] = {}
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None:
+        self._completion[(prompt_index, out.index)] = out.completion_tokens
+        if out.index == 0:
+            self._cached[prompt_index] = out.cached_tokens
+
+    def body(self) -> dict[str, Any]:
+        completion = sum(self._completion.values())
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(self._cached.values())},
+        }
+
+
+def engine_error(out: RequestOutput) -> dict[str, Any]:
+    """The event a stream ends with when the engine failed its request."""
+    return error_body(500, out.error or "generation failed", code="engine_error")
+
+
+def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    """Chunks as SSE `data:` events, then `[DONE]`: also after an error, which becomes an event
+    (the status line has been sent by then)."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield orjson.dumps(chunk).decode()
+        except Exception:
+            log.exception("a stream failed")
+            yield orjson.dumps(error_body(500, "internal server error")).decode()
+        yield "[DONE]"
+
+    return EventSourceResponse(events(), ping=15, sep="\n")

@@ -1,0 +1,65 @@
+"""config/default.toml documents every setting with the code's default; resolution order holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+
+import pytest
+
+from app.engine.config import EngineConfig
+from app.settings import ServerConfig, default_config_path, load_settings
+
+
+def _normal(value: object) -> object:
+    return None if value in (0, "", None) and not isinstance(value, bool) else value
+
+
+@pytest.mark.parametrize(("section", "cls"), [("engine", EngineConfig), ("server", ServerConfig)])
+def test_default_toml_matches_code(section: str, cls: type) -> None:
+    text = default_config_path().read_text()
+    data = tomllib.loads(text)[section]
+    instance = cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    assert set(data) == names
+    for name in names:
+        code, toml = getattr(instance, name), data[name]
+        if isinstance(code, list) or code not in (0, "", None) or isinstance(code, bool):
+            assert code == toml, name
+        else:
+            assert _normal(toml) is None, name
+        # Each setting has a comment line right above it (or above its group).
+        assert re.search(rf"#.*\n(?:[a-z_]+ = .*\n)*{name} = ", text), name
+
+
+def test_resolution_order(tmp_path) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text("[engine]\nmax_batch_size = 7\nblock_size = 32\n[server]\nport = 1111\n")
+    env = {"SPLITFUSE_BLOCK_SIZE": "16", "SPLITFUSE_PORT": "2222", "SPLITFUSE_API_KEYS": "a,b"}
+    settings = load_settings({"port": 3333}, config_file=str(config), env=env)
+    assert settings.engine.max_batch_size == 7  # file over default
+    assert settings.engine.block_size == 16  # environment over file
+    assert settings.server.port == 3333  # flag over environment
+    assert settings.server.api_keys == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SPLITFUSE_MAX_BATCH_SIZE": "many"}, "max_batch_size"),
+        ({"SPLITFUSE_ENABLE_PREFIX_CACHING": "maybe"}, "enable_prefix_caching"),
+        ({"SPLITFUSE_BLOCK_SIZE": "48"}, "power of two"),
+        ({"SPLITFUSE_DTYPE": "int3"}, "dtype"),
+    ],
+)
+def test_bad_values_are_one_line_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_settings(env=env)
+
+
+def test_unknown_key_in_config_file(tmp_path) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text("[engine]\nmax_batch_sise = 7\n")
+    with pytest.raises(ValueError, match="max_batch_sise"):
+        load_settings(config_file=str(config), env={})
