@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one call: kernel checks, batch-1 latency, offline throughput.
+#   bash bench/gpu_suite.sh quick    kernels + 1B-shape and SmolLM2 figures (~8 min on an H100)
+#   bash bench/gpu_suite.sh 8b       Llama-3.1-8B-shape latency, random-256, mixed (~9 min)
+# Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-artifacts}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 SPLITFUSE_BENCH_DIR=${SPLITFUSE_BENCH_DIR:-/tmp/splitfuse-bench}
+export SPLITFUSE_CACHE_DIR=${SPLITFUSE_CACHE_DIR:-/tmp/splitfuse-cache}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+case "${1:-quick}" in
+  quick)
+    python bench/gpu_check.py 2>&1 | grep -v -i warn | tail -14
+    python bench/kernels.py --json "$out/kernels.json" 2>&1 | tail -40
+    python bench/latency.py --model-config llama-3.2-1b --dtype bfloat16 --json "$out/latency-1b.json" 2>&1 | tail -6
+    python bench/throughput.py --model-config llama-3.2-1b --dtype bfloat16 --workload random-256 \
+      --hf-num-prompts 64 --hf-batch-size 64 --json "$out/tp-1b.json" 2>&1 | tail -8
+    ;;
+  1b)
+    python bench/throughput.py --model-config llama-3.2-1b --dtype bfloat16 --workload random-256 \
+      --hf-num-prompts 64 --hf-batch-size 64 --json "$out/tp-1b.json" 2>&1 | tail -8
+    python bench/latency.py --model-config llama-3.1-8b --dtype bfloat16 --runs 3 --json "$out/latency-8b.json" 2>&1 | tail -6
+    ;;
+  8b)
+    python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 --workload random-256 \
+      --skip-hf --json "$out/tp-8b-random.json" 2>&1 | tail -8
+    python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 --workload mixed \
+      --hf-num-prompts 32 --hf-batch-size 32 --json "$out/tp-8b-mixed.json" 2>&1 | tail -8
+    ;;
+  serve)
+    # Online serving: `splitfuse serve` on the 8B shape, Poisson arrivals from bench/serving.py.
+    model=$(python -c "from bench.common import build_model_dir; print(build_model_dir(None, 'llama-3.1-8b'))" 2>/dev/null | tail -1)
+    python -m app.cli serve "$model" --dtype bfloat16 --max-batch-size 256 --host 127.0.0.1 \
+      --port 23333 --log-level warning > "$out/serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 300); do curl -sf http://127.0.0.1:23333/health >/dev/null && break; sleep 1; done
+    for rate in ${RATES:-16 32}; do
+      python bench/serving.py --request-rate "$rate" --num-prompts "${NUM_PROMPTS:-400}" \
+        --json "$out/serving-$rate.json" 2>&1 | tail -7
+    done
+    kill -TERM "$server"; wait "$server"
+    ;;
+esac

@@ -1,0 +1,367 @@
+"""Kernel benchmark: every Triton kernel against its torch reference at Llama-3.1-8B shapes.
+
+    python bench/kernels.py                              # on a GPU: check, time, print a table
+    python bench/kernels.py --json kernels.json          # also write the numbers
+    TRITON_INTERPRET=1 python bench/kernels.py --tiny    # CPU dry run of every check
+
+Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
+checks the kernel against the reference (relative error ||out - ref|| / ||ref|| within bf16
+tolerance, no NaN anywhere), then times both with triton.testing.do_bench (median). Attention
+cases use block_size 64 and shuffled block tables; memory-bound kernels report GB/s of
+compulsory traffic, prefill attention TFLOP/s of causal attention. Exits 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.engine.models.layers import RopeConfig, RotaryEmbedding
+from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from app.kernels.attention import AttentionMetadata, paged_attention_ref
+from app.kernels.decode_attention import paged_decode_attention
+from app.kernels.norm import (
+    fused_add_rms_norm_ref,
+    fused_add_rms_norm_triton,
+    rms_norm_ref,
+    rms_norm_triton,
+)
+from app.kernels.prefill_attention import paged_prefill_attention
+from app.kernels.rotary import rotary_and_cache_ref, rotary_and_cache_triton
+from bench.common import describe_device
+
+TOLERANCE = 1e-2  # relative L2 error; bf16 rounding alone gives a few 1e-3
+Batch = tuple[tuple[int, int], ...]  # (context length after the step, new tokens) per sequence
+Outputs = Callable[[], list[torch.Tensor]]  # one call of a kernel or reference: its outputs
+
+
+@dataclass(frozen=True)
+class Shapes:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    block_size: int
+    decode: tuple[tuple[int, int], ...]  # (batch, context)
+    prefill: tuple[tuple[str, Batch], ...]
+    tokens: tuple[int, ...]  # rows for the norm / rotary / activation kernels (block multiples)
+
+
+# (batch, context): latency-bound small batches up to the bandwidth-bound 256 x 4096.
+DECODE_8B = ((1, 8192), (16, 2048), (32, 8192), (64, 1024), (128, 2048), (256, 128), (256, 1024),
+             (256, 4096))  # fmt: skip
+LLAMA_8B = Shapes(
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    hidden=4096,
+    intermediate=14336,
+    block_size=64,
+    decode=DECODE_8B,
+    prefill=(
+        ("prompt 8192", ((8192, 8192),)),
+        ("chunk 2048 after 6144", ((8192, 2048),)),
+        ("4 prompts x 2048", ((2048, 2048),) * 4),
+        ("chunk 4096 + 128 dec @2048", ((4096, 4096),) + ((2048, 1),) * 128),
+    ),
+    tokens=(256, 8192),
+)
+TINY = Shapes(
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    hidden=64,
+    intermediate=96,
+    block_size=16,
+    decode=((1, 300), (3, 100)),  # the first takes two splits
+    prefill=(("mixed", ((40, 40), (90, 30), (17, 1))),),
+    tokens=(32,),
+)
+
+
+@dataclass
+class Row:
+    kernel: str
+    case: str
+    ms: float
+    ref_ms: float
+    work: float  # bytes moved or FLOPs per call
+    unit: str  # "GB/s" or "TFLOP/s"
+    rel_err: float
+    ok: bool
+
+    @property
+    def rate(self) -> float:
+        return self.work / self.ms / (1e6 if self.unit == "GB/s" else 1e9)
+
+    def line(self) -> str:
+        return (
+            f"{self.kernel:<16} {self.case:<28} {self.ms:>9.4f} {self.rate:>9.1f} {self.unit:<7} "
+            f"{self.ref_ms:>9.4f} {self.ref_ms / self.ms:>7.1f}x {self.rel_err:>9.2e} "
+            f"{'ok' if self.ok else 'FAIL'}"
+        )
+
+
+HEADER = (
+    f"{'kernel':<16} {'case':<28} {'ms':>9} {'rate':>9} {'':<7} {'torch ms':>9} {'speedup':>8} "
+    f"{'rel err':>9} check"
+)
+
+
+def bench_time(fn: Callable[[], object]) -> float:
+    """Median milliseconds per call: do_bench on a GPU, a few wall-clock runs elsewhere."""
+    if torch.cuda.is_available():
+        return triton.testing.do_bench(fn, return_mode="median")
+    fn()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs) * 1e3
+
+
+def compare(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, bool]:
+    """Relative L2 error over all outputs together, and whether it passes (NaN fails)."""
+    pairs = zip(outs, refs, strict=True)
+    err = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in pairs)
+    norm = sum(float(r.double().pow(2).sum()) for r in refs)
+    rel = math.sqrt(err / norm)
+    return rel, not any(bool(o.isnan().any()) for o in outs) and rel < TOLERANCE
+
+
+class Bench:
+    def __init__(self, shapes: Shapes, dtype: torch.dtype, device: str) -> None:
+        self.s, self.dtype, self.device = shapes, dtype, device
+        self.rows: list[Row] = []
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.host_gen = torch.Generator().manual_seed(0)  # block-table shuffles
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen, device=self.device).to(self.dtype)
+
+    def nan(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype or self.dtype, device=self.device)
+
+    def record(
+        self, kernel: str, case: str, run: Outputs, ref: Outputs, work: float, unit: str
+    ) -> None:
+        """Check the first call of `run` against `ref`, then time both."""
+        rel, ok = compare(run(), ref())
+        row = Row(kernel, case, bench_time(run), bench_time(ref), work, unit, rel, ok)
+        self.rows.append(row)
+        print(row.line(), flush=True)
+
+    # -- attention ------------------------------------------------------------------------
+
+    def metadata(self, batch: Batch, tables: torch.Tensor) -> AttentionMetadata:
+        """One step's metadata for `batch` over the device block tables `[B, width]`."""
+        bs = self.s.block_size
+        lens, query_lens = [n for n, _ in batch], [q for _, q in batch]
+        seq = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(query_lens))
+        pos = torch.cat([torch.arange(n - q, n) for n, q in batch])
+        seq, pos = seq.to(self.device), pos.to(self.device)
+        ints = {"dtype": torch.int32, "device": self.device}
+        return AttentionMetadata(
+            query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], **ints),
+            seq_lens=torch.tensor(lens, **ints),
+            block_tables=tables,
+            slot_mapping=tables[seq, pos // bs].long() * bs + pos % bs,
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=lens,
+            max_query_len=max(query_lens),
+            max_seq_len=max(lens),
+        )
+
+    def paged(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Caches holding random K/V at every sequence position and NaN elsewhere, shuffled
+        block tables (one spare block that no table names), and the step's metadata."""
+        s = self.s
+        need = [math.ceil(n / s.block_size) for n, _ in batch]
+        pool = torch.randperm(sum(need) + 1, generator=self.host_gen).tolist()
+        tables = [[pool.pop() for _ in range(k)] + [0] * (max(need) - k) for k in need]
+        table_t = torch.tensor(tables, dtype=torch.int32, device=self.device)
+        shape = (sum(need) + 1, s.block_size, s.num_kv_heads, s.head_dim)
+        k_cache, v_cache = self.nan(*shape), self.nan(*shape)
+        every = self.metadata(tuple((n, n) for n, _ in batch), table_t).slot_mapping
+        for cache in (k_cache, v_cache):
+            rows = cache.view(-1, s.num_kv_heads, s.head_dim)
+            rows[every] = self.randn(len(every), s.num_kv_heads, s.head_dim)
+        return k_cache, v_cache, self.metadata(batch, table_t)
+
+    def decode(self, batch_size: int, context: int) -> None:
+        s = self.s
+        k_cache, v_cache, meta = self.paged(((context, 1),) * batch_size)
+        q = self.randn(batch_size, s.num_heads, s.head_dim)
+        scale = s.head_dim**-0.5
+        out = self.nan(*q.shape)
+
+        def run() -> list[torch.Tensor]:
+            tables, lens = meta.block_tables, meta.seq_lens
+            return [paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out)]
+
+        def run_ref() -> list[torch.Tensor]:
+            return [paged_attention_ref(q, k_cache, v_cache, meta, scale)]
+
+        elem = q.element_size()
+        kv_bytes = batch_size * context * s.num_kv_heads * s.head_dim * 2 * elem
+        work = kv_bytes + 2 * q.numel() * elem
+        case = f"batch {batch_size} ctx {context}"
+        self.record("decode attn", case, run, run_ref, work, "GB/s")
+
+    def prefill(self, name: str, batch: Batch) -> None:
+        s = self.s
+        k_cache, v_cache, meta = self.paged(batch)
+        q = self.randn(sum(meta.query_lens_cpu), s.num_heads, s.head_dim)
+        scale = s.head_dim**-0.5
+        out, ref = self.nan(*q.shape), torch.empty_like(q)
+        # The reference pads every sequence to the longest query; run it on groups of equal
+        # query length (all decodes together, each longer query alone) to keep memory bounded.
+        starts = meta.query_start_loc.tolist()
+        decodes = [i for i, (_, n) in enumerate(batch) if n == 1]
+        groups = [decodes] * bool(decodes) + [[i] for i, (_, n) in enumerate(batch) if n > 1]
+        parts = [
+            self.metadata(tuple(batch[i] for i in g), meta.block_tables[torch.tensor(g)])
+            for g in groups
+        ]
+        rows = [
+            torch.cat([torch.arange(starts[i], starts[i + 1]) for i in g]).to(self.device)
+            for g in groups
+        ]
+
+        def run() -> list[torch.Tensor]:
+            return [paged_prefill_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                scale, out=out,
+            )]  # fmt: skip
+
+        def run_ref() -> list[torch.Tensor]:
+            for part, idx in zip(parts, rows, strict=True):
+                ref[idx] = paged_attention_ref(q[idx], k_cache, v_cache, part, scale)
+            return [ref]
+
+        visible = sum(sum(range(n - k + 1, n + 1)) for n, k in batch)  # keys per query, summed
+        work = 4 * visible * s.num_heads * s.head_dim
+        self.record("prefill attn", name, run, run_ref, work, "TFLOP/s")
+
+    # -- elementwise ----------------------------------------------------------------------
+
+    def norms(self, tokens: int) -> None:
+        n, elem = self.s.hidden, self.dtype.itemsize
+        x, residual, weight = self.randn(tokens, n), self.randn(tokens, n), self.randn(n)
+        out, res_out = self.nan(tokens, n), self.nan(tokens, n)
+        self.record(
+            "rms_norm", f"{tokens} x {n}",
+            lambda: [rms_norm_triton(x, weight, 1e-5, out=out)],
+            lambda: [rms_norm_ref(x, weight, 1e-5)],
+            (2 * tokens + 1) * n * elem, "GB/s",
+        )  # fmt: skip
+        self.record(
+            "add+rms_norm", f"{tokens} x {n}",
+            lambda: list(fused_add_rms_norm_triton(
+                x, residual, weight, 1e-5, out=out, residual_out=res_out
+            )),
+            lambda: list(fused_add_rms_norm_ref(x, residual, weight, 1e-5)),
+            (4 * tokens + 1) * n * elem, "GB/s",
+        )  # fmt: skip
+
+    def rotary(self, tokens: int) -> None:
+        s, elem = self.s, self.dtype.itemsize
+        rope = RopeConfig("llama3", 500000.0, 131072, 8.0, 1.0, 4.0, 8192)
+        positions = torch.randint(0, 8192, (tokens,), generator=self.gen, device=self.device)
+        cos, sin = RotaryEmbedding(s.head_dim, rope, torch.device(self.device))(positions)
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        qkv = self.randn(tokens, q_size + 2 * kv_size)
+        # Every cache row gets exactly one token (shuffled), so no NaN may survive the write.
+        slots = torch.randperm(tokens, generator=self.gen, device=self.device)
+        shape = (tokens // s.block_size, s.block_size, s.num_kv_heads, s.head_dim)
+
+        def setup(fn: Callable[..., None]) -> Outputs:
+            """In-place op on its own copy of q/k/v and caches; returns all it writes."""
+            packed, k_cache, v_cache = qkv.clone(), self.nan(*shape), self.nan(*shape)
+            q, k, v = packed.split([q_size, kv_size, kv_size], dim=-1)
+            args = (
+                q.view(tokens, s.num_heads, s.head_dim), k.view(tokens, s.num_kv_heads, -1),
+                v.view(tokens, s.num_kv_heads, -1), cos, sin, k_cache, v_cache, slots,
+            )  # fmt: skip
+
+            def call() -> list[torch.Tensor]:
+                fn(*args)
+                return [packed, k_cache, v_cache]
+
+            return call
+
+        # q/k rotate further on every call; both sides are compared after their first call.
+        work = tokens * ((2 * q_size + 5 * kv_size) * elem + s.head_dim * 4 + 8)
+        run, run_ref = setup(rotary_and_cache_triton), setup(rotary_and_cache_ref)
+        self.record("rope+kv write", f"{tokens} tokens", run, run_ref, work, "GB/s")
+
+    def silu(self, tokens: int) -> None:
+        size, elem = self.s.intermediate, self.dtype.itemsize
+        x = self.randn(tokens, 2 * size)
+        out = self.nan(tokens, size)
+        self.record(
+            "silu_and_mul", f"{tokens} x {size}",
+            lambda: [silu_and_mul_triton(x, out=out)],
+            lambda: [silu_and_mul_ref(x)],
+            3 * tokens * size * elem, "GB/s",
+        )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (interpreter dry run)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The interpreter cannot multiply bf16 in tl.dot (triton-lang/triton#11584): fp16 on CPU.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    shapes = TINY if args.tiny else LLAMA_8B
+    print(f"device: {describe_device()}, triton {triton.__version__}, {dtype}", flush=True)
+    bench = Bench(shapes, dtype, device)
+    print(HEADER)
+    for batch_size, context in shapes.decode:
+        bench.decode(batch_size, context)
+    for name, batch in shapes.prefill:
+        bench.prefill(name, batch)
+    for tokens in shapes.tokens:
+        bench.rotary(tokens)
+        bench.norms(tokens)
+        bench.silu(tokens)
+    print(f"\n{HEADER}")
+    for row in bench.rows:
+        print(row.line())
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": describe_device(),
+                    "triton": triton.__version__,
+                    "dtype": str(dtype),
+                    "rows": [asdict(r) | {"rate": r.rate} for r in bench.rows],
+                },
+                indent=2,
+            )
+        )
+    failed = [f"{r.kernel} {r.case}" for r in bench.rows if not r.ok]
+    if failed:
+        sys.exit(f"checks failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
