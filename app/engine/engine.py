@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -63,19 +64,28 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self.last_error: str | None = None
         self.last_progress = time.monotonic()
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
-        """The structured-output compiler for this model's tokenizer (made on first use)."""
-        if self._grammar_compiler is None:
-            from app.engine.grammar import GrammarCompiler
+        """The structured-output compiler for this model's tokenizer (made on first use, which
+        reads the whole vocabulary: from the event loop, use `get_grammar_compiler`)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                from app.engine.grammar import GrammarCompiler
 
-            self._grammar_compiler = GrammarCompiler(
-                self.tokenizer, self.info.vocab_size, stop_token_ids=self.info.eos_token_ids
-            )
-        return self._grammar_compiler
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.info.vocab_size, stop_token_ids=self.info.eos_token_ids
+                )
+            return self._grammar_compiler
+
+    async def get_grammar_compiler(self) -> GrammarCompiler:
+        """`grammar_compiler`, made in a worker thread the first time."""
+        if self._grammar_compiler is not None:
+            return self._grammar_compiler
+        return await asyncio.to_thread(lambda: self.grammar_compiler)
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -142,13 +152,15 @@ class AsyncEngine:
         grammar: CompiledGrammar | None = None,
         stream: bool = True,
         grammar_after: list[int] | tuple[int, ...] | None = None,
+        reasoning_open: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas; leaving the iteration early aborts the request.
 
         `grammar` (from `grammar_compiler`) constrains every sample's output. With `stream`
         False each sample yields one output when it finishes, which costs the loop far less.
         With `grammar_after` (the token ids that close a reasoning section) the grammar applies
-        only to what follows them."""
+        only to what follows them; with `reasoning_open` as well, the section exists only if the
+        model samples that token first, else the grammar applies from the start."""
         self.validate(prompt_ids, params, session_id)
         self.start()
         request_id = request_id or uuid.uuid4().hex
@@ -158,7 +170,10 @@ class AsyncEngine:
         state.stream = stream
         if grammar is not None and grammar_after:
             for sample in state.samples:
-                sample.seq.grammar_gate = tuple(grammar_after)
+                if reasoning_open is None:
+                    sample.seq.grammar_gate = tuple(grammar_after)
+                else:
+                    sample.seq.reasoning_open = (reasoning_open, tuple(grammar_after))
         try:
             while True:
                 output = await state.queue.get()
@@ -315,30 +330,41 @@ class AsyncEngine:
             for update in pending:  # before the next step's grammar masks are filled
                 self._accept_grammar(update.seq, update.token_id)
 
-    def _grammar_rows(self, out: Any) -> list[Any]:
-        """Each sampling row's grammar matcher (None where unconstrained), or [] if none has one."""
-        matchers = [
-            item.seq.grammar if item.seq.grammar_gate is None else None
+    def _grammar_rows(self, out: Any) -> list[Sequence | None]:
+        """Each sampling row's constrained sequence (None where unconstrained now), or [] if
+        no row is constrained."""
+        rows = [
+            item.seq if item.seq.grammar is not None and item.seq.grammar_gate is None else None
             for item in out.scheduled
             if item.sample
         ]
-        return matchers if any(m is not None for m in matchers) else []
+        return rows if any(seq is not None for seq in rows) else []
 
-    def _fill_masks(self, matchers: list[Any], allowed: Future[Any]) -> None:
+    def _fill_masks(self, rows: list[Sequence | None], allowed: Future[Any]) -> None:
         from app.engine.grammar import allocate_bitmask, bitmask_to_bool
 
         try:
-            bitmask = allocate_bitmask(len(matchers), self.info.vocab_size)
-            for row, matcher in enumerate(matchers):
-                if matcher is not None:
-                    matcher.fill_bitmask(bitmask, row)
-            allowed.set_result(bitmask_to_bool(bitmask, self.info.vocab_size))
+            bitmask = allocate_bitmask(len(rows), self.info.vocab_size)
+            for row, seq in enumerate(rows):
+                if seq is not None:
+                    seq.grammar.fill_bitmask(bitmask, row)
+            mask = bitmask_to_bool(bitmask, self.info.vocab_size)
+            for row, seq in enumerate(rows):
+                if seq is not None and seq.reasoning_open is not None:
+                    mask[row, seq.reasoning_open[0]] = True
+            allowed.set_result(mask)
         except Exception as exc:
             allowed.set_exception(exc)
 
     def _accept_grammar(self, seq: Sequence, token_id: int) -> None:
         if seq.grammar is None or seq.is_finished:
             return
+        if seq.reasoning_open is not None:  # the first token: does the model open a section?
+            opener, closing = seq.reasoning_open
+            seq.reasoning_open = None
+            if token_id == opener:
+                seq.grammar_gate = closing
+                return
         gate = seq.grammar_gate
         if gate is not None:  # still reasoning: the grammar starts after the closing tag
             if tuple(seq.output_ids[-len(gate) :]) == gate:

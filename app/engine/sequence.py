@@ -55,6 +55,9 @@ class Sequence:
     grammar: Any = None  # the sequence's grammar matcher, when its output is constrained
     # Token ids that end a reasoning section: the grammar applies only after they were sampled.
     grammar_gate: tuple[int, ...] | None = None
+    # (open token, closing ids): the model may open a reasoning section with its first token;
+    # until that token is sampled the first step allows it beside the grammar's tokens.
+    reasoning_open: tuple[int, tuple[int, ...]] | None = None
 
     @property
     def num_tokens(self) -> int:

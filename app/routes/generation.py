@@ -237,11 +237,13 @@ class EngineRun:
         session_id: int | None = None,
         grammar: CompiledGrammar | None = None,
         grammar_after: list[int] | None = None,
+        reasoning_open: int | None = None,
     ):
         admit(ctx, params.n * len(prompts))
         self.ctx = ctx
         self.grammar = grammar
         self.grammar_after = grammar_after
+        self.reasoning_open = reasoning_open
         self._samples = {(p, i) for p in range(len(prompts)) for i in range(params.n)}
         self._queued = set(self._samples)
         self._finished: set[tuple[int, int]] = set()
@@ -275,6 +277,7 @@ class EngineRun:
                 session_id=session_id,
                 grammar=self.grammar,
                 grammar_after=self.grammar_after,
+                reasoning_open=self.reasoning_open,
             ):
                 self._dequeue((p, out.index))
                 timing = timings.setdefault(out.index, Timing(self.ctx.metrics))

@@ -86,14 +86,15 @@ def register(router: APIRouter, ctx: Any) -> None:
             params = dataclasses.replace(params, skip_special_tokens=False)
         rid = gen.request_id(request)
         chat_id, created = f"chatcmpl-{rid}", int(time.time())
-        # When the template opens the reasoning section, the constraint starts after it closes.
-        # (With "think", where the model may or may not open one, it applies from the start.)
-        gate = None
-        reasoning = plan.reasoning
-        if plan.grammar is not None and reasoning is not None and reasoning.starts_in_reasoning:
-            gate = engine.tokenizer.encode(reasoning.end, add_special_tokens=False)
+        gate, opener = plan.reasoning_gate(engine.tokenizer)
         run = gen.EngineRun(
-            ctx, [prompt_ids], params, rid, grammar=plan.grammar, grammar_after=gate
+            ctx,
+            [prompt_ids],
+            params,
+            rid,
+            grammar=plan.grammar,
+            grammar_after=gate,
+            reasoning_open=opener,
         )
         if body.stream:
             opts = body.stream_options

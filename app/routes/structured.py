@@ -61,6 +61,20 @@ class ChatPlan:
     def choice_parser(self) -> ChoiceParser:
         return ChoiceParser(self.tool_parser, self.reasoning)
 
+    def reasoning_gate(self, tokenizer: Any) -> tuple[list[int] | None, int | None]:
+        """(closing ids, opening id) for the engine: the constraint applies only after the
+        reasoning section. A template that opens the section gives no opening id (the gate holds
+        from the first token); otherwise the model may open one with its first token, which must
+        then be a single token (else the constraint applies from the start)."""
+        reasoning = self.reasoning
+        if self.grammar is None or reasoning is None:
+            return None, None
+        closing = tokenizer.encode(reasoning.end, add_special_tokens=False)
+        if reasoning.starts_in_reasoning:
+            return closing, None
+        opening = tokenizer.encode(reasoning.start, add_special_tokens=False)
+        return (closing, opening[0]) if len(opening) == 1 else (None, None)
+
 
 def request_spec(body: Any) -> tuple[GrammarSpec | None, str]:
     """The grammar spec a request's response_format or guided_* field asks for, and that field's
@@ -83,7 +97,7 @@ async def compile_spec(ctx: Any, spec: GrammarSpec | None, param: str) -> Compil
     """Compile off the event loop under the server's time limit; GrammarError -> 400."""
     if spec is None:
         return None
-    compiler = ctx.engine.grammar_compiler
+    compiler = await ctx.engine.get_grammar_compiler()
     timeout = ctx.settings.server.grammar_compile_timeout
     if compiler.limits.compile_timeout_s != timeout:
         compiler.limits = dataclasses.replace(compiler.limits, compile_timeout_s=timeout)

@@ -223,3 +223,36 @@ def test_grammar_applies_after_the_reasoning_gate(engine: AsyncEngine) -> None:
     assert re.fullmatch("[ab]+", engine.tokenizer.decode(tokens[1:]))
     unconstrained = run(engine, lambda: collect(engine, [100, 101, 102], params, stream=False))
     assert unconstrained[-1].token_ids == [gate] * 12  # without the grammar: the bias wins
+
+
+def test_model_may_open_a_reasoning_section_before_the_grammar(engine: AsyncEngine) -> None:
+    from app.engine.grammar_spec import GrammarSpec
+
+    opener, closer = 1234, 1235
+    compiled = engine.grammar_compiler.compile_sync(GrammarSpec.for_regex("[ab]+"))
+
+    def first_run(bias: float) -> list[int]:
+        params = SamplingParams(
+            max_new_tokens=12, temperature=0.0, ignore_eos=True, logit_bias=((opener, bias),)
+        )
+
+        async def body() -> list[int]:
+            outputs = await collect(
+                engine,
+                [100, 101, 102],
+                params,
+                grammar=compiled,
+                grammar_after=[closer],
+                reasoning_open=opener,
+                stream=False,
+            )
+            return outputs[-1].token_ids
+
+        return run(engine, body)
+
+    # The opener is allowed beside the grammar's tokens on the first step only; once sampled,
+    # the section runs unconstrained (the bias keeps winning, the closer never comes).
+    assert first_run(100.0) == [opener] * 12
+    # A model that does not open one is held to the grammar from its first token.
+    tokens = first_run(-100.0)
+    assert re.fullmatch("[ab]+", engine.tokenizer.decode(tokens))
