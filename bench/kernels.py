@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.engine.models.layers import RopeConfig, RotaryEmbedding
 from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
-from app.kernels.attention import AttentionMetadata, paged_attention_ref
+from app.kernels.attention import AttentionMetadata, paged_attention_ref, paged_attention_triton
 from app.kernels.decode_attention import paged_decode_attention
 from app.kernels.norm import (
     fused_add_rms_norm_ref,
@@ -40,7 +40,6 @@ from app.kernels.norm import (
     rms_norm_ref,
     rms_norm_triton,
 )
-from app.kernels.prefill_attention import paged_prefill_attention
 from app.kernels.rotary import rotary_and_cache_ref, rotary_and_cache_triton
 from bench.common import describe_device
 
@@ -77,7 +76,9 @@ LLAMA_8B = Shapes(
         ("prompt 8192", ((8192, 8192),)),
         ("chunk 2048 after 6144", ((8192, 2048),)),
         ("4 prompts x 2048", ((2048, 2048),) * 4),
-        ("chunk 4096 + 128 dec @2048", ((4096, 4096),) + ((2048, 1),) * 128),
+        # Mixed steps list their decodes first, as the scheduler does.
+        ("128 dec @2048 + chunk 4096", ((2048, 1),) * 128 + ((4096, 4096),)),
+        ("256 dec @384 + chunk 512", ((384, 1),) * 256 + ((512, 512),)),
     ),
     tokens=(256, 8192),
 )
@@ -89,7 +90,7 @@ TINY = Shapes(
     intermediate=96,
     block_size=16,
     decode=((1, 300), (3, 100)),  # the first takes two splits
-    prefill=(("mixed", ((40, 40), (90, 30), (17, 1))),),
+    prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))),),
     tokens=(32,),
 )
 
@@ -245,10 +246,7 @@ class Bench:
         ]
 
         def run() -> list[torch.Tensor]:
-            return [paged_prefill_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                scale, out=out,
-            )]  # fmt: skip
+            return [paged_attention_triton(q, k_cache, v_cache, meta, scale, out=out)]
 
         def run_ref() -> list[torch.Tensor]:
             for part, idx in zip(parts, rows, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -86,8 +87,14 @@ def kv_bytes_per_block(spec: KVCacheSpec, block_size: int, dtype: torch.dtype) -
 def activation_peak_bytes(
     model: Any, spec: KVCacheSpec, config: EngineConfig, dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Peak memory of the largest step: a full token budget forward plus a batch of logits."""
+    """Peak memory of the largest step: a full token budget forward plus a batch of logits.
+
+    The step is a mixed one (decodes, then one prompt), so every kernel a serving step uses is
+    compiled here, before the first request, rather than while requests wait."""
     tokens = config.max_prefill_token_num
+    decodes = max(0, min(config.max_batch_size, tokens) - 1)
+    prompt = tokens - decodes
+    query_lens = [1] * decodes + [prompt]
     shape = (1, config.block_size, spec.num_kv_heads, spec.head_dim)
     kv = [
         (
@@ -96,15 +103,18 @@ def activation_peak_bytes(
         )
         for _ in range(spec.num_layers)
     ]
+    # Every position reads and writes block 0: the values are irrelevant, the shapes are not.
+    width = -(-prompt // config.block_size)
+    ints = {"dtype": torch.int32, "device": device}
     meta = AttentionMetadata(
-        query_start_loc=torch.arange(tokens + 1, dtype=torch.int32, device=device),
-        seq_lens=torch.ones(tokens, dtype=torch.int32, device=device),
-        block_tables=torch.zeros(tokens, 1, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], **ints),
+        seq_lens=torch.tensor(query_lens, **ints),
+        block_tables=torch.zeros(len(query_lens), width, **ints),
         slot_mapping=torch.zeros(tokens, dtype=torch.int64, device=device),
-        query_lens_cpu=[1] * tokens,
-        seq_lens_cpu=[1] * tokens,
-        max_query_len=1,
-        max_seq_len=1,
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=query_lens,
+        max_query_len=prompt,
+        max_seq_len=prompt,
     )
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -148,7 +158,7 @@ def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelI
     model_obj = load_model(model_dir, hf_config, dtype, device)
     spec = kv_cache_spec(hf_config)
     peak = 0
-    if device.type == "cuda" and not config.num_gpu_blocks:
+    if device.type == "cuda":  # also the kernels' warm-up, so with num_gpu_blocks too
         peak = activation_peak_bytes(model_obj, spec, config, dtype, device)
     num_blocks = num_kv_blocks(config, spec, dtype, device, peak)
     context = config.session_len or getattr(hf_config, "max_position_embeddings", None) or 4096

@@ -3,7 +3,7 @@ reference that handles decode, prefill and mid-sequence chunks in one mixed batc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,35 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    num_decodes: int = field(init=False)  # leading sequences with one new token each
+
+    _parts: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        n = 0
+        for query_len in self.query_lens_cpu:
+            if query_len != 1:
+                break
+            n += 1
+        self.num_decodes = n
+
+    def split_parts(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(block_tables, seq_lens) of the leading decodes and (block_tables, seq_lens,
+        query_start_loc) of the rest, made once per step. Fresh tensors rather than views: a
+        view's unaligned address would make Triton compile another kernel variant mid-serving."""
+        if self._parts is None:
+            d = self.num_decodes
+            self._parts = (
+                (self.block_tables[:d].clone(), self.seq_lens[:d].clone()),
+                (
+                    self.block_tables[d:].clone(),
+                    self.seq_lens[d:].clone(),
+                    self.query_start_loc[d:] - d,
+                ),
+            )
+        return self._parts
 
 
 def write_kv_cache(
@@ -48,23 +77,47 @@ def paged_attention(
     *,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of new queries `[T, H, hd]` over each sequence's cached keys/values.
-
-    On CUDA a batch of pure decodes takes the flash-decoding kernel, which splits long contexts
-    across programs; any batch with a longer query (prefill chunks, mixed with decodes or not)
-    takes the prefill kernel, which also handles its decode rows. Elsewhere: the reference.
-    """
+    """Causal attention of new queries `[T, H, hd]` over each sequence's cached keys/values:
+    the Triton kernels on CUDA, the torch reference elsewhere."""
     if not q.is_cuda:
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window=sliding_window)
-    if meta.max_query_len == 1:
+    return paged_attention_triton(q, k_cache, v_cache, meta, scale, sliding_window=sliding_window)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The leading decodes (one query each) take the flash-decoding kernel, which splits long
+    contexts across programs; the prefill chunks after them take the prefill kernel, whose
+    query tiles would be nearly empty for a decode row. Written into `out` when given."""
+    d = meta.num_decodes
+    if d == q.shape[0]:
         return paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-            sliding_window=sliding_window,
+            sliding_window=sliding_window, out=out,
         )  # fmt: skip
-    return paged_prefill_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-        sliding_window=sliding_window,
-    )  # fmt: skip
+    if d == 0:
+        return paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+            sliding_window=sliding_window, out=out,
+        )  # fmt: skip
+    if out is None:
+        out = torch.empty_like(q)
+    decode, prefill = meta.split_parts()
+    paged_decode_attention(
+        q[:d], k_cache, v_cache, *decode, scale, sliding_window=sliding_window, out=out[:d]
+    )
+    paged_prefill_attention(
+        q[d:], k_cache, v_cache, *prefill, scale, sliding_window=sliding_window, out=out[d:]
+    )
+    return out
 
 
 def paged_attention_ref(

@@ -32,7 +32,9 @@ def _find_sequence(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit
+# The batch size varies from step to step: specializing on it would compile a new variant
+# in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

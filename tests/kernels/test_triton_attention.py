@@ -7,7 +7,7 @@ import pytest
 import torch
 from paged_batch import DEVICE, HALF_DTYPES, close, nan_like, needs_triton, paged_batch
 
-from app.kernels.attention import paged_attention, paged_attention_ref
+from app.kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
 from app.kernels.decode_attention import decode_num_splits, paged_decode_attention
 from app.kernels.prefill_attention import paged_prefill_attention
 
@@ -119,6 +119,21 @@ def test_prefill_head_layouts(heads: tuple[int, int]) -> None:
         MIXED, num_heads=heads[0], num_kv_heads=heads[1], head_dim=32, block_size=16,
         dtype=torch.float32,
     )  # fmt: skip
+
+
+# Decodes first, as the scheduler orders a mixed step: they take the decode kernel (with splits
+# for the long one), the chunks after them the prefill kernel.
+DECODES_THEN_CHUNKS = [(9, 1), (300, 1), (1, 1), (130, 70), (7, 7), (200, 3)]
+
+
+@pytest.mark.parametrize("batch", [DECODES, MIXED, DECODES_THEN_CHUNKS])
+def test_mixed_step_splits_decodes_from_chunks(batch: list[tuple[int, int]]) -> None:
+    b = paged_batch(batch, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                    dtype=torch.float32)  # fmt: skip
+    out = paged_attention_triton(b.q, b.k_cache, b.v_cache, b.meta, 0.1, out=nan_like(b.q))
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, 0.1)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **close(torch.float32))
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="dispatch to Triton happens on CUDA tensors")
