@@ -7,6 +7,7 @@ without blocking.
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -103,47 +104,50 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
+        """Token ids and per-sequence numbers go to the device in two copies; every token's
+        position and cache slot are derived there, with no per-token work on the host."""
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         logit_rows: list[int] = []
-        bs = self.block_size
-        max_blocks = max(len(item.block_table) for item in out.scheduled)
-        block_tables: list[list[int]] = []
+        tables: list[list[int]] = []
         for item in out.scheduled:
             start, n = item.start_pos, item.num_new_tokens
             row0 = len(input_ids)
             input_ids.extend(item.token_ids)
-            positions.extend(range(start, start + n))
-            table = item.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
             seq_lens.append(start + n)
-            block_tables.append([*table, *([0] * (max_blocks - len(table)))])
+            tables.append(item.block_table)
             if item.seq.params.prompt_logprobs and start < item.seq.num_prompt_tokens:
                 logit_rows.extend(range(row0, row0 + n - (1 if item.sample else 0)))
             if item.sample:
                 logit_rows.append(row0 + n - 1)
-        query_start = [0]
-        for n in query_lens:
-            query_start.append(query_start[-1] + n)
+        num_tokens, num_seqs = len(input_ids), len(query_lens)
+        query_start = [0, *itertools.accumulate(query_lens)]
+        packed = self._tensor(input_ids + query_start + seq_lens + logit_rows, torch.int64)
+        width = max(len(t) for t in tables)
+        block_tables = self._tensor([[*t, *([0] * (width - len(t)))] for t in tables], torch.int32)
+        query_start_t = packed[num_tokens : num_tokens + num_seqs + 1]
+        seq_lens_t = packed[num_tokens + num_seqs + 1 : num_tokens + 2 * num_seqs + 1]
+        query_lens_t = query_start_t.diff()
+        owner = torch.repeat_interleave(query_lens_t, output_size=num_tokens)
+        offset = torch.arange(num_tokens, device=self.device) - query_start_t[owner]
+        positions = (seq_lens_t - query_lens_t)[owner] + offset
+        bs = self.block_size
+        slots = block_tables[owner, positions // bs].long() * bs + positions % bs
         attn = AttentionMetadata(
-            query_start_loc=self._tensor(query_start, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._tensor(block_tables, torch.int32),
-            slot_mapping=self._tensor(slots, torch.int64),
+            # Fresh int32 tensors, not views into `packed`: Triton specializes on alignment.
+            query_start_loc=query_start_t.int(),
+            seq_lens=seq_lens_t.int(),
+            block_tables=block_tables,
+            slot_mapping=slots,
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
         )
         return ModelInput(
-            self._tensor(input_ids, torch.int64),
-            self._tensor(positions, torch.int64),
-            attn,
-            self._tensor(logit_rows, torch.int64),
+            packed[:num_tokens], positions, attn, packed[num_tokens + 2 * num_seqs + 1 :]
         )
 
     @torch.inference_mode()
