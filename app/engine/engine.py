@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -306,14 +306,22 @@ class AsyncEngine:
             try:
                 masks = self._grammar_rows(out)
                 allowed: Future[Any] | None = Future() if masks else None
-                running = loop.run_in_executor(self._executor, self.runner.execute, out, allowed)
+                launched = loop.create_future() if pending else None
+                running = loop.run_in_executor(
+                    self._executor, self.runner.execute, out, allowed, _setter(loop, launched)
+                )
                 if allowed is not None:
                     # Filled while the GPU thread runs the forward pass.
                     self._fill_masks(masks, allowed)
-                # A sequence this finishes (a stop string) may be in the step now running: its
-                # blocks are not reused before the next schedule, and its extra token is dropped.
-                self._process(pending)
-                pending = []
+                if launched is not None:
+                    # The GPU thread's Python (inputs, launches) must not wait for the GIL
+                    # behind detokenization: the device would sit idle meanwhile.
+                    await asyncio.wait((launched, running), return_when=asyncio.FIRST_COMPLETED)
+                    # A sequence this finishes (a stop string) may be in the step now running:
+                    # its blocks are not reused before the next schedule, and its extra token is
+                    # dropped.
+                    self._process(pending)
+                    pending = []
                 step = await running
             except Exception as exc:
                 log.exception(
@@ -452,3 +460,17 @@ class AsyncEngine:
             "generation_tokens": sched.stats.generation_tokens,
             "num_sessions": len(sched.sessions),
         }
+
+
+def _setter(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None] | None
+) -> Callable[[], None] | None:
+    """A callable for another thread that resolves `future` on `loop` (None for None)."""
+    if future is None:
+        return None
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    return lambda: loop.call_soon_threadsafe(resolve)

@@ -8,6 +8,7 @@ without blocking.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -152,10 +153,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, out: SchedulerOutput, allowed: Future[torch.Tensor] | None = None
+        self,
+        out: SchedulerOutput,
+        allowed: Future[torch.Tensor] | None = None,
+        launched: Callable[[], None] | None = None,
     ) -> StepOutput:
         """Run one step. `allowed`, when given, resolves (while the forward runs) to the grammar
-        mask of the sampling rows: bool [rows, vocab]."""
+        mask of the sampling rows: bool [rows, vocab]. `launched` is called once the forward
+        pass is on the device's queue."""
         for seq_id in out.released_seq_ids:
             self._generators.pop(seq_id, None)
         step = StepOutput()
@@ -166,6 +171,8 @@ class ModelRunner:
             inp = self.prepare(out)
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
             logits = self.model.compute_logits(hidden[inp.logit_rows])
+        if launched is not None:
+            launched()
 
         sample_rows: list[int] = []
         rows: list[SamplingRow] = []

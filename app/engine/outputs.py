@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from app.engine.detokenizer import IncrementalDetokenizer
@@ -37,6 +38,18 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def merged(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by the same sample's next one, as one delta."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = [*(self.logprobs or ()), *(later.logprobs or ())]
+        return dataclasses.replace(
+            later,
+            text=self.text + later.text,
+            token_ids=[*self.token_ids, *later.token_ids],
+            logprobs=logprobs,
+        )
 
 
 @dataclass

@@ -118,4 +118,16 @@ def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
             yield orjson.dumps(error_body(500, "internal server error")).decode()
         yield "[DONE]"
 
-    return EventSourceResponse(events(), ping=15, sep="\n")
+    return _EventStream(events(), ping=15, sep="\n")
+
+
+class _EventStream(EventSourceResponse):
+    """sse-starlette's response, minus the cancel scope it opens around every send to apply a
+    per-send timeout: none is set here, and at one event per token the scope cost more than
+    the send itself."""
+
+    async def _send_with_timeout(self, send: Any, message: Any) -> None:
+        if self.send_timeout is not None:
+            await super()._send_with_timeout(send, message)
+        else:
+            await send(message)

@@ -294,18 +294,32 @@ class EngineRun:
             self._outputs.put_nowait(None)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Deltas in order. A caller that fell behind (a slow client, a busy loop) gets a
+        sample's waiting deltas merged into one, so it catches up in fewer sends."""
         remaining = len(self._tasks)
         abandoned = True
+        held: list[tuple[int, RequestOutput] | Exception | None] = []
         try:
             while remaining:
-                item = await self._outputs.get()
+                item = held.pop() if held else await self._outputs.get()
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, Exception):
                     abandoned = False
                     raise item
                 else:
-                    yield item
+                    p, out = item
+                    while not out.finished and not self._outputs.empty():
+                        following = self._outputs.get_nowait()
+                        if (
+                            not isinstance(following, tuple)
+                            or following[0] != p
+                            or following[1].index != out.index
+                        ):
+                            held.append(following)
+                            break
+                        out = out.merged(following[1])
+                    yield p, out
             abandoned = False
         finally:
             await self.close(abandoned)
