@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -23,8 +23,40 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 OPEN_PATHS = frozenset({"/health"})
+
+
+def request_id_for(given: str) -> str:
+    """The client's X-Request-Id when it is sane (it reaches logs and headers), else a new one."""
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def echoing_request_id(send: Send, request_id: str) -> Send:
+    """`send`, adding X-Request-Id to the response's headers."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [
+                *message.get("headers", []),
+                (b"x-request-id", request_id.encode()),
+            ]
+        await send(message)
+
+    return send_with_id
+
+
+def bearer_key_ok(authorization: str, keys: Iterable[str]) -> bool:
+    """Whether an Authorization header is `Bearer KEY` for one of `keys`. Every key is compared,
+    in constant time, so timing tells nothing about which one nearly matched."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return False
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
 
 
 class BodyTooLarge(Exception):
@@ -43,21 +75,11 @@ class Gate:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = request_id_for(headers.get("x-request-id", ""))
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
-            await send(message)
-
         try:
-            await self._guarded(scope, receive, send_with_id, headers)
+            await self._guarded(scope, receive, echoing_request_id(send, request_id), headers)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
 
@@ -123,11 +145,4 @@ class Gate:
                 )
 
     def _authorized(self, headers: dict[str, str]) -> bool:
-        auth = headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        return any(
-            hmac.compare_digest(token.strip().encode(), key.encode())
-            for key in self.state.settings.server.api_keys
-        )
+        return bearer_key_ok(headers.get("authorization", ""), self.state.settings.server.api_keys)

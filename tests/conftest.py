@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,3 +49,30 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(name, out / name.name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir: Path) -> Any:
+    """The bundled SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer: Any) -> Iterator[Any]:
+    """A GrammarCompiler for SmolLM2's tokenizer, one per test module (its cache starts empty)."""
+    from app.engine.grammar import GrammarCompiler
+
+    compiler = GrammarCompiler(tokenizer, len(tokenizer))
+    yield compiler
+    compiler.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the module's tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

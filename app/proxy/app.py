@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-import re
-import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,9 +20,10 @@ import structlog
 from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import APIError, ORJSONResponse, error_response, install_error_handlers
+from app.middleware import bearer_key_ok, echoing_request_id, request_id_for
 from app.proxy.forward import INTERACTIVE_PATH, Forwarder
 from app.proxy.nodes import (
     NodeRegistry,
@@ -37,8 +35,6 @@ from app.proxy.nodes import (
 from app.proxy.strategies import Strategy
 
 log = structlog.get_logger("splitfuse.proxy")
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -96,43 +92,20 @@ class Gate:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = request_id_for(headers.get(b"x-request-id", b"").decode("latin-1"))
         scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
-            await send(message)
+        send_with_id = echoing_request_id(send, request_id)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             # scope["path"] is the decoded path the router matches, so encoding cannot dodge it.
             path = scope["path"]
             open_path = path == "/health" or path.startswith("/nodes/")
-            token = _bearer(headers.get(b"authorization", b""))
-            if self.api_keys and not open_path and not _matches(token, self.api_keys):
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            if self.api_keys and not open_path and not bearer_key_ok(authorization, self.api_keys):
                 response = error_response(401, "invalid or missing API key", code="invalid_api_key")
                 await response(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
-
-
-def _bearer(authorization: bytes) -> bytes | None:
-    scheme, _, token = authorization.partition(b" ")
-    if scheme.lower() != b"bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-def _matches(token: bytes | None, keys: tuple[str, ...]) -> bool:
-    # Every key is compared, in constant time, so timing tells nothing about which nearly matched.
-    found = False
-    for key in keys:
-        found |= token is not None and secrets.compare_digest(token, key.encode())
-    return found
 
 
 def _context(request: Request) -> ProxyContext:
@@ -145,7 +118,7 @@ Context = Annotated[ProxyContext, Depends(_context)]
 def _require_admin(request: Request, ctx: Context) -> None:
     admin_key = ctx.config.admin_key
     if admin_key:
-        if not _matches(_bearer(request.headers.get("authorization", "").encode()), (admin_key,)):
+        if not bearer_key_ok(request.headers.get("authorization", ""), (admin_key,)):
             raise APIError(401, "invalid or missing admin key", code="invalid_api_key")
         return
     # The peer of the TCP connection, never a forwarded-for header a client could write.

@@ -11,7 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from deploy_harness import REPO, free_port, start
+from deploy_harness import REPO, start
+from processes import free_port
 
 # The Dockerfile's own command line; the test below runs the same.
 INSTALL = "bash scripts/install.sh --ui"

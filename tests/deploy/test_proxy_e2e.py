@@ -16,7 +16,8 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
-from server_harness import LAUNCHER, Server, free_port, start_server
+from processes import free_port
+from server_harness import LAUNCHER, Server, start_server
 
 pytestmark = pytest.mark.slow
 ADMIN = "admin-secret"

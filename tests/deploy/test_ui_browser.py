@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_harness import ARTIFACTS, Process, free_port, start
+from deploy_harness import ARTIFACTS, Process, start
+from processes import free_port
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys

@@ -7,8 +7,6 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -28,30 +26,9 @@ from app.engine.grammar import (
 )
 
 VOCAB = 49152
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # The simulated model's vocab-wide ops are tiny; on a busy 2-core machine extra intra-op
-    # threads only make them 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Any) -> Iterator[GrammarCompiler]:
-    compiler = GrammarCompiler(tokenizer, VOCAB)
-    yield compiler
-    compiler.close()
+# The simulated model's vocab-wide ops are tiny; on a busy 2-core machine extra intra-op
+# threads only make them 10x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

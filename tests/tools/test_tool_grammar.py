@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -23,6 +21,9 @@ from app.tools import get_tool_parser
 from app.tools.tool_grammar import tool_call_spec
 
 VOCAB = 49152
+# The simulated model's vocab-wide ops are tiny; on a busy 2-core machine extra intra-op
+# threads only make them 10x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WEATHER = {
     "type": "object",
     "properties": {
@@ -47,30 +48,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "now"}},
 ]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD, "now": {"type": "object", "properties": {}}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # The simulated model's vocab-wide ops are tiny; on a busy 2-core machine extra intra-op
-    # threads only make them 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Any) -> Iterator[GrammarCompiler]:
-    compiler = GrammarCompiler(tokenizer, VOCAB)
-    yield compiler
-    compiler.close()
 
 
 @pytest.fixture(scope="module")

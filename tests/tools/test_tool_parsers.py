@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,13 +110,6 @@ def test_streaming_matches_parse_at_any_split(name: str) -> None:
         assert stream(name, list(text)) == expected
 
     check()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.mark.parametrize("name", FORMATS)
