@@ -166,7 +166,9 @@ def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelI
     eos = eos_token_ids(model_dir, hf_config, tokenizer)
     runner = ModelRunner(model_obj, spec, num_blocks, config.block_size, dtype, device, eos)
     if device.type == "cuda" and not config.eager_mode:
-        runner.capture_cuda_graphs(config.max_batch_size, max_model_len)
+        runner.capture_cuda_graphs(
+            config.max_batch_size, max_model_len, config.max_prefill_token_num
+        )
     log.info(
         "model %s on %s (%s): %d KV blocks of %d tokens (%d tokens), context %d",
         model_dir.name,

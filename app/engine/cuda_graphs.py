@@ -1,18 +1,23 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, sharing one memory pool.
+"""CUDA graphs: decode steps by batch-size bucket, mixed steps by token-count bucket.
 
 Decode batches (one new token per sequence, each sampled) are padded to the next bucket and
 replayed from static input buffers; padding rows attend to themselves in a scratch block that no
-sequence owns. Buckets are captured largest first so smaller graphs reuse the pool.
+sequence owns. Mixed steps (prefill chunks beside decodes), which launch hundreds of kernels from
+Python, replay a graph whose sequence slots and token count are padded: unused slots are empty
+sequences and a last slot owns the padding tokens, in the scratch block. All graphs share one
+memory pool, captured largest first so smaller graphs reuse it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from app.kernels.attention import AttentionMetadata
+from app.engine.scheduler import ScheduledSequence
+from app.kernels.attention import AttentionMetadata, token_layout
 
 log = logging.getLogger("splitfuse.engine")
 
@@ -79,20 +84,9 @@ class DecodeGraphs:
         hidden = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches, self._meta(b))
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for b in reversed(self.buckets):
-                self._forward(b)  # warm up: Triton compiles, allocator settles
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._logits[b] = self._forward(b)
-                self._graphs[b] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
+    def capture(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
+        for b in reversed(self.buckets):
+            self._logits[b], self._graphs[b] = _capture(lambda b=b: self._forward(b), pool, stream)
         log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
     def fits(self, batch_size: int, max_blocks: int) -> bool:
@@ -129,3 +123,159 @@ class DecodeGraphs:
         self.seq_lens[:b].copy_(self._device_rows[3, :b])
         self._graphs[b].replay()
         return self._logits[b][:n]
+
+
+def mixed_buckets(max_tokens: int) -> list[int]:
+    """Token counts of the mixed-step graphs: steps above the last run eagerly, where the device
+    time of the step dwarfs its launches."""
+    return [t for t in (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048) if t <= max_tokens]
+
+
+class MixedGraphs:
+    """Captured forwards of steps with prefill chunks, one per token-count bucket; each returns
+    the hidden states of the step's sampling rows (logits are computed after the replay)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        max_batch_size: int,
+        max_tokens: int,
+        max_model_len: int,
+        block_size: int,
+        scratch_block: int,
+        device: torch.device,
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        # The padding sequence's positions run up to the bucket size, inside its block table.
+        self.buckets = mixed_buckets(min(max_tokens, self.max_blocks * block_size))
+        self.max_seqs = max_batch_size
+        slots = max_batch_size + 1  # the last slot is the padding sequence's
+        self.num_slots = slots
+        self.max_tokens = t = self.buckets[-1] if self.buckets else 0
+        # One int64 staging row: token ids [t], query starts [slots+1], seq lens [slots],
+        # sampling rows [slots]; sent with one copy.
+        self._host = torch.zeros(t + 3 * slots + 1, dtype=torch.int64, pin_memory=True)
+        self._rows = torch.zeros(t + 3 * slots + 1, dtype=torch.int64, device=device)
+        self._host_tables = torch.zeros(
+            (slots, self.max_blocks), dtype=torch.int32, pin_memory=True
+        )
+        self.block_tables = torch.full(
+            (slots, self.max_blocks), scratch_block, dtype=torch.int32, device=device
+        )
+        self._copied: torch.cuda.Event | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._hidden: dict[int, torch.Tensor] = {}
+
+    def _views(self, num_tokens: int) -> tuple[torch.Tensor, ...]:
+        t, s = self.max_tokens, self.num_slots
+        rows = self._rows
+        return (
+            rows[:num_tokens],
+            rows[t : t + s + 1],
+            rows[t + s + 1 : t + 2 * s + 1],
+            rows[t + 2 * s + 1 :],
+        )
+
+    def _forward(self, num_tokens: int) -> torch.Tensor:
+        input_ids, query_start, seq_lens, sample_rows = self._views(num_tokens)
+        positions, slots = token_layout(
+            query_start, seq_lens, self.block_tables, self.block_size, num_tokens
+        )
+        meta = AttentionMetadata(
+            query_start_loc=query_start.int(),
+            seq_lens=seq_lens.int(),
+            block_tables=self.block_tables,
+            slot_mapping=slots,
+            # Host copies are for the torch reference only; the kernels read the tensors. A
+            # first query length above one sends every row to the prefill kernel.
+            query_lens_cpu=[num_tokens] + [0] * (self.num_slots - 1),
+            seq_lens_cpu=[num_tokens] + [0] * (self.num_slots - 1),
+            max_query_len=num_tokens,
+            max_seq_len=self.max_blocks * self.block_size,
+        )
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return hidden[sample_rows]
+
+    def capture(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
+        for t in reversed(self.buckets):
+            self.stage([], t)  # every token the padding sequence's: a valid layout
+            self._hidden[t], self._graphs[t] = _capture(lambda t=t: self._forward(t), pool, stream)
+        log.info("captured CUDA graphs for mixed steps of up to %s tokens", self.buckets)
+
+    def fits(self, num_seqs: int, num_tokens: int, max_blocks: int) -> bool:
+        return (
+            num_seqs <= self.max_seqs
+            and num_tokens <= self.max_tokens
+            and max_blocks <= self.max_blocks
+        )
+
+    def stage(self, items: list[ScheduledSequence], num_tokens: int) -> int:
+        """Write the step's layout into the static inputs; return its bucket."""
+        bucket = next(t for t in self.buckets if t >= num_tokens)
+        if self._copied is not None:  # the last step's copy out of the host buffers is done
+            self._copied.synchronize()
+        t, s = self.max_tokens, self.num_slots
+        host = self._host.numpy()
+        tables = self._host_tables.numpy()
+        ids, query_start = host[:t], host[t : t + s + 1]
+        seq_lens, sample_rows = host[t + s + 1 : t + 2 * s + 1], host[t + 2 * s + 1 :]
+        row = 0
+        num_rows = 0
+        width = 1
+        for i, item in enumerate(items):
+            n = item.num_new_tokens
+            ids[row : row + n] = item.token_ids
+            query_start[i] = row
+            seq_lens[i] = item.start_pos + n
+            tables[i, : len(item.block_table)] = item.block_table
+            width = max(width, len(item.block_table))
+            row += n
+            if item.sample:
+                sample_rows[num_rows] = row - 1
+                num_rows += 1
+        ids[row:bucket] = 0
+        query_start[len(items) : s] = row  # empty sequences, then the padding sequence
+        query_start[s] = bucket
+        seq_lens[len(items) : s - 1] = 0
+        seq_lens[s - 1] = bucket - row
+        sample_rows[num_rows:] = 0
+        self._rows.copy_(self._host, non_blocking=True)
+        if items:
+            self.block_tables[: len(items), :width].copy_(
+                self._host_tables[: len(items), :width], non_blocking=True
+            )
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return bucket
+
+    def run(self, items: list[ScheduledSequence], num_tokens: int) -> torch.Tensor:
+        """Replay the smallest graph that holds the step; the sampling rows' hidden states."""
+        bucket = self.stage(items, num_tokens)
+        self._graphs[bucket].replay()
+        return self._hidden[bucket][: sum(item.sample for item in items)]
+
+
+def capture_graphs(graphs: list[DecodeGraphs | MixedGraphs], device: torch.device) -> None:
+    """Capture every graph on a side stream into one shared memory pool."""
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for group in graphs:
+            group.capture(pool, stream)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+
+
+def _capture(
+    forward: Callable[[], torch.Tensor], pool: tuple[int, int], stream: torch.cuda.Stream
+) -> tuple[torch.Tensor, torch.cuda.CUDAGraph]:
+    forward()  # warm up: Triton compiles, the allocator settles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        out = forward()
+    return out, graph

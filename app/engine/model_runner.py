@@ -8,6 +8,7 @@ without blocking.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -15,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from app.engine.cuda_graphs import DecodeGraphs
+from app.engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_graphs
 from app.engine.models.registry import KVCacheSpec
 from app.engine.sampler import Sampler, SamplingRow
 from app.engine.scheduler import SchedulerOutput, StepOutput
-from app.kernels.attention import AttentionMetadata
+from app.kernels.attention import AttentionMetadata, token_layout
 
 
 @dataclass
@@ -63,20 +64,20 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         self._pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
+        # Set by the engine when tracing: each step's host times (and device span on CUDA).
+        self.timing: dict[str, float] | None = None
 
-    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
-        """Capture decode graphs (CUDA only); afterwards pure decode steps replay them."""
-        graphs = DecodeGraphs(
-            self.model,
-            self.kv_caches,
-            max_batch_size,
-            max_model_len,
-            self.block_size,
-            self.scratch_block,
-            self.device,
-        )
-        graphs.capture()
+    def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, max_tokens: int) -> None:
+        """Capture decode and mixed-step graphs (CUDA only); afterwards the steps that fit them
+        replay them. `max_tokens` is the step's token budget."""
+        args = (self.model, self.kv_caches, max_batch_size)
+        rest = (max_model_len, self.block_size, self.scratch_block, self.device)
+        graphs = DecodeGraphs(*args, *rest)
+        mixed = MixedGraphs(*args, max_tokens, *rest)
+        capture_graphs([mixed, graphs] if mixed.buckets else [graphs], self.device)
         self.graphs = graphs
+        self.mixed_graphs = mixed if mixed.buckets else None
 
     def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Logits from a decode graph, or None when the step is not a plain decode batch."""
@@ -99,6 +100,21 @@ class ModelRunner:
         return graphs.run(
             input_ids, positions, slots, seq_lens, [item.block_table for item in items]
         )
+
+    def _mixed_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of the sampling rows from a mixed-step graph, or None when the step does not
+        fit one (too many tokens, or prompt logprobs, which need logits of every row)."""
+        graphs = self.mixed_graphs
+        if graphs is None:
+            return None
+        items = out.scheduled
+        num_tokens = sum(item.num_new_tokens for item in items)
+        width = max(len(item.block_table) for item in items)
+        if not graphs.fits(len(items), num_tokens, width) or any(
+            item.seq.params.prompt_logprobs for item in items
+        ):
+            return None
+        return self.model.compute_logits(graphs.run(items, num_tokens))
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
@@ -130,12 +146,9 @@ class ModelRunner:
         block_tables = self._tensor([[*t, *([0] * (width - len(t)))] for t in tables], torch.int32)
         query_start_t = packed[num_tokens : num_tokens + num_seqs + 1]
         seq_lens_t = packed[num_tokens + num_seqs + 1 : num_tokens + 2 * num_seqs + 1]
-        query_lens_t = query_start_t.diff()
-        owner = torch.repeat_interleave(query_lens_t, output_size=num_tokens)
-        offset = torch.arange(num_tokens, device=self.device) - query_start_t[owner]
-        positions = (seq_lens_t - query_lens_t)[owner] + offset
-        bs = self.block_size
-        slots = block_tables[owner, positions // bs].long() * bs + positions % bs
+        positions, slots = token_layout(
+            query_start_t, seq_lens_t, block_tables, self.block_size, num_tokens
+        )
         attn = AttentionMetadata(
             # Fresh int32 tensors, not views into `packed`: Triton specializes on alignment.
             query_start_loc=query_start_t.int(),
@@ -166,13 +179,24 @@ class ModelRunner:
         step = StepOutput()
         if not out.scheduled:
             return step
+        timing = self.timing
+        if timing is not None:
+            events = self._start_timing(timing)
+        kind = "decode"
         logits = self._graph_logits(out)
         if logits is None:
+            kind = "mixed"
+            logits = self._mixed_logits(out)
+        if logits is None:
+            kind = "eager"
             inp = self.prepare(out)
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
             logits = self.model.compute_logits(hidden[inp.logit_rows])
         if launched is not None:
             launched()
+        if timing is not None:
+            timing["launched"], timing["kind"] = time.perf_counter(), kind
+            timing["launch_cpu_ms"] = (time.thread_time() - timing["cpu"]) * 1e3
 
         sample_rows: list[int] = []
         rows: list[SamplingRow] = []
@@ -198,7 +222,24 @@ class ModelRunner:
             sampled = self.sampler(logits[sample_rows], rows, mask)
             step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
             step.top_logprobs = sampled.top_logprobs
+        if timing is not None:
+            self._end_timing(timing, events)
         return step
+
+    def _start_timing(self, timing: dict[str, float]) -> tuple[torch.cuda.Event, ...]:
+        timing["start"], timing["cpu"] = time.perf_counter(), time.thread_time()
+        if self.device.type != "cuda":
+            return ()
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
+        return events
+
+    def _end_timing(self, timing: dict[str, float], events: tuple[torch.cuda.Event, ...]) -> None:
+        if events:
+            events[1].record()
+            events[1].synchronize()
+            timing["device_ms"] = events[0].elapsed_time(events[1])
+        timing["end"] = time.perf_counter()
 
     def _prompt_logprobs(self, step: StepOutput, item, logits: torch.Tensor, cursor: int) -> int:
         """Log-probability of each next prompt token inside this chunk."""

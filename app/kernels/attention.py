@@ -55,6 +55,27 @@ class AttentionMetadata:
         return self._parts
 
 
+def token_layout(
+    query_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+    num_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each new token's position and KV-cache slot `[T]` (int64), derived on the device from the
+    per-sequence layout (query_start [B+1], seq_lens [B], block_tables [B, width]): no host work
+    per token and no synchronization, so it also runs inside a CUDA graph. The layout must
+    account for all `num_tokens` (zero-length sequences are fine)."""
+    device = query_start.device
+    query_lens = query_start.diff()
+    token = torch.arange(num_tokens, device=device)
+    # Sequence b owns tokens query_start[b] .. query_start[b+1]-1.
+    owner = torch.searchsorted(query_start[1:], token, right=True)
+    positions = (seq_lens - query_lens)[owner] + token - query_start[owner]
+    slots = block_tables[owner, positions // block_size].long() * block_size
+    return positions, slots + positions % block_size
+
+
 def write_kv_cache(
     k: torch.Tensor,
     v: torch.Tensor,

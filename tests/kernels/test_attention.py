@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from app.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from app.kernels.attention import (
+    AttentionMetadata,
+    paged_attention,
+    token_layout,
+    write_kv_cache,
+)
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16
 # (context length after this step, new tokens this step): decode, full prefill, a mid-sequence
@@ -133,3 +138,25 @@ def test_write_kv_cache_places_tokens_at_slots() -> None:
     torch.testing.assert_close(k_cache[2, 1], k[0])
     torch.testing.assert_close(v_cache[0, 2], v[1])
     assert k_cache.count_nonzero() == k[0].count_nonzero() + k[1].count_nonzero()
+
+
+def test_token_layout_derives_positions_and_slots() -> None:
+    """Positions and slots from the per-sequence layout, as the host would list them, also for
+    a graph's padded layout: empty sequences, then one owning the padding tokens."""
+    gen = torch.Generator().manual_seed(3)
+    block_size = 4
+    meta, tables = _metadata(MIXED_BATCH, block_size, 32, gen)
+    real = sum(q for _, q in MIXED_BATCH)
+    pad, scratch = 6, 31
+    query_start = [*meta.query_start_loc.tolist(), real, real + pad]
+    seq_lens = [*meta.seq_lens.tolist(), 0, pad]
+    width = max(len(t) for t in tables)
+    block_tables = [[*t, *[0] * (width - len(t))] for t in tables] + [[scratch] * width] * 2
+    positions, slots = token_layout(
+        torch.tensor(query_start), torch.tensor(seq_lens), torch.tensor(block_tables),
+        block_size, real + pad,
+    )  # fmt: skip
+    want = [p for s, q in MIXED_BATCH for p in range(s - q, s)] + list(range(pad))
+    assert positions.tolist() == want
+    want_slots = [*meta.slot_mapping.tolist(), *(scratch * block_size + p % 4 for p in range(pad))]
+    assert slots.tolist() == want_slots

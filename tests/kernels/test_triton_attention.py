@@ -144,3 +144,32 @@ def test_paged_attention_dispatches_on_cuda(batch: list[tuple[int, int]]) -> Non
     out = paged_attention(b.q, b.k_cache, b.v_cache, b.meta, 0.1)
     ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, 0.1)
     torch.testing.assert_close(out, ref, **close(torch.bfloat16))
+
+
+def test_prefill_in_a_graph_layout() -> None:
+    """A mixed-step graph pads the batch with empty sequences and one last sequence, in a scratch
+    block, that owns the padding tokens: the real rows come out as without the padding."""
+    b = paged_batch(MIXED, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                    dtype=torch.float32)  # fmt: skip
+    meta, real = b.meta, b.q.shape[0]
+    used = {
+        block
+        for row, seq_len in zip(meta.block_tables.tolist(), meta.seq_lens.tolist(), strict=True)
+        for block in row[: -(-seq_len // 16)]
+    }
+    scratch = next(i for i in range(b.k_cache.shape[0]) if i not in used)
+    b.k_cache[scratch], b.v_cache[scratch] = 0.0, 0.0  # the padding tokens' keys land here
+    pad, empty, width = 40, 3, meta.block_tables.shape[1]
+    tables = torch.full((len(MIXED) + empty + 1, max(width, 3)), scratch, dtype=torch.int32)
+    tables[: len(MIXED), :width] = meta.block_tables.cpu()
+    ints = {"dtype": torch.int32, "device": DEVICE}
+    starts = [*meta.query_start_loc.tolist(), *[real] * empty, real + pad]
+    query_start = torch.tensor(starts, **ints)
+    seq_lens = torch.tensor([*meta.seq_lens.tolist(), *[0] * empty, pad], **ints)
+    q = torch.cat([b.q, torch.randn(pad, 8, 64, device=DEVICE)])
+    out = paged_prefill_attention(
+        q, b.k_cache, b.v_cache, tables.to(DEVICE), seq_lens, query_start, 0.1, out=nan_like(q)
+    )
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, 0.1)
+    torch.testing.assert_close(out[:real], ref, **close(torch.float32))
+    assert out[real:].isfinite().all()
