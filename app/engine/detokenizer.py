@@ -9,9 +9,11 @@ exact; holding text that ends in U+FFFD keeps characters split across tokens who
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded ahead of the first output token, as vLLM does
 _TRIM_AT = 256  # drop released tokens from the window list once this many pile up
@@ -35,7 +37,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._special_ids = special_token_ids(tokenizer)
+        self._special_ids, self._backend_decode = _tokenizer_facts(tokenizer)
         # Slow tokenizers join special tokens and the text between them with spaces; fast ones
         # ignore the flag, so the runs between special tokens are decoded separately here.
         self._segmented = not skip_special_tokens and spaces_between_special_tokens
@@ -99,6 +101,8 @@ class IncrementalDetokenizer:
         return tail
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self._skip_special)
         return self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
         )
@@ -183,6 +187,30 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     return frozenset(ids)
+
+
+_FACTS: weakref.WeakKeyDictionary[Any, tuple[frozenset[int], Callable[..., str] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tokenizer_facts(
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[frozenset[int], Callable[..., str] | None]:
+    """The special ids (listing them walks every added token: milliseconds) and, for a fast
+    tokenizer that does not override decoding, its Rust decoder: `decode(...,
+    clean_up_tokenization_spaces=False)` is exactly that call behind a generic conversion of the
+    ids, which cost as much as the decoding itself. Kept per tokenizer."""
+    facts = _FACTS.get(tokenizer)
+    if facts is None:
+        plain = (
+            isinstance(tokenizer, PreTrainedTokenizerFast)
+            and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+        )
+        decode = tokenizer.backend_tokenizer.decode if plain else None
+        facts = (special_token_ids(tokenizer), decode)
+        _FACTS[tokenizer] = facts
+    return facts
 
 
 def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:

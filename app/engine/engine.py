@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +24,10 @@ from app.engine.builder import build
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.outputs import RequestOutput, RequestState, SampleState, TokenLogprob
-from app.engine.scheduler import Scheduler, SequenceUpdate
+from app.engine.scheduler import Scheduler, SequenceUpdate, StepOutput
 from app.engine.sequence import FinishReason, Sequence
 from app.engine.sessions import SessionBusyError, SessionManager
+from app.engine.trace import StepTrace
 
 if TYPE_CHECKING:  # xgrammar is imported only when a request uses a grammar
     from app.engine.grammar import CompiledGrammar, GrammarCompiler
@@ -67,6 +68,7 @@ class AsyncEngine:
         self._grammar_lock = threading.Lock()
         self.last_error: str | None = None
         self.last_progress = time.monotonic()
+        self._trace = StepTrace.from_env()
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
@@ -113,6 +115,8 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._trace is not None:
+            self._trace.close()
         if self._grammar_compiler is not None:
             self._grammar_compiler.close()
 
@@ -294,6 +298,7 @@ class AsyncEngine:
                 self._expire_sessions()
                 self.last_progress = time.monotonic()
                 continue
+            marks = [time.perf_counter()] if self._trace is not None else None
             out = self.scheduler.schedule()
             if not out:
                 if pending:  # its stop strings may end sequences and free blocks
@@ -303,25 +308,35 @@ class AsyncEngine:
                 self._fail_unschedulable()
                 await asyncio.sleep(0)
                 continue
+            if marks is not None:
+                self.runner.timing = {}
+                marks.append(time.perf_counter())
             try:
                 masks = self._grammar_rows(out)
                 allowed: Future[Any] | None = Future() if masks else None
-                launched = loop.create_future() if pending else None
-                running = loop.run_in_executor(
-                    self._executor, self.runner.execute, out, allowed, _setter(loop, launched)
-                )
-                if allowed is not None:
-                    # Filled while the GPU thread runs the forward pass.
+                launch = _Launch(loop)
+                running = loop.run_in_executor(self._executor, self._execute, out, allowed, launch)
+                # The GPU thread's Python (inputs, kernel launches) must not queue for the GIL
+                # behind the loop's work (detokenization, HTTP): the device would sit idle
+                # meanwhile. The loop holds still until the step is launched (a graph replay
+                # well under a millisecond, an eager step a few), waiting longer only
+                # asynchronously (a kernel compiling). On the CPU, launching is computing.
+                wait = _LAUNCH_WAIT_S if self.runner.device.type == "cuda" else 0.0
+                if not launch.event.wait(wait):
+                    first = asyncio.FIRST_COMPLETED
+                    await asyncio.wait((launch.future, running), return_when=first)
+                if allowed is not None:  # the sampler needs it once the forward pass is done
                     self._fill_masks(masks, allowed)
-                if launched is not None:
-                    # The GPU thread's Python (inputs, launches) must not wait for the GIL
-                    # behind detokenization: the device would sit idle meanwhile.
-                    await asyncio.wait((launched, running), return_when=asyncio.FIRST_COMPLETED)
+                if pending:
                     # A sequence this finishes (a stop string) may be in the step now running:
                     # its blocks are not reused before the next schedule, and its extra token is
                     # dropped.
+                    if marks is not None:
+                        marks.append(time.perf_counter())
                     self._process(pending)
                     pending = []
+                    if marks is not None:
+                        marks.append(time.perf_counter())
                 step = await running
             except Exception as exc:
                 log.exception(
@@ -337,6 +352,37 @@ class AsyncEngine:
             pending = self.scheduler.update(out, step)
             for update in pending:  # before the next step's grammar masks are filled
                 self._accept_grammar(update.seq, update.token_id)
+            if marks is not None:
+                self._trace_step(out, marks)
+
+    def _trace_step(self, out: Any, marks: list[float]) -> None:
+        """One trace line: the loop's times (schedule, submit, detokenize the step before,
+        result in hand) and the GPU thread's (start, launched, tokens on the host)."""
+        assert self._trace is not None
+        now = time.perf_counter()
+        record = {
+            "t": marks[0],
+            "schedule_ms": (marks[1] - marks[0]) * 1e3,
+            "seqs": len(out.scheduled),
+            "tokens": sum(item.num_new_tokens for item in out.scheduled),
+            "decodes": sum(item.num_new_tokens == 1 for item in out.scheduled),
+            "waiting": len(self.scheduler.waiting),
+            "requests": len(self._requests),
+            "submit": marks[1],
+            "done": now,
+            **(self.runner.timing or {}),
+        }
+        if len(marks) == 4:
+            record["process_start"], record["process_ms"] = marks[2], (marks[3] - marks[2]) * 1e3
+        self._trace.write(record)
+
+    def _execute(
+        self, out: Any, allowed: Future[Any] | None, launch: _Launch
+    ) -> StepOutput:  # the GPU thread
+        try:
+            return self.runner.execute(out, allowed, launch.set)
+        finally:
+            launch.set()  # a step that failed before launching must not hold the loop
 
     def _grammar_rows(self, out: Any) -> list[Sequence | None]:
         """Each sampling row's constrained sequence (None where unconstrained now), or [] if
@@ -462,15 +508,25 @@ class AsyncEngine:
         }
 
 
-def _setter(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None] | None
-) -> Callable[[], None] | None:
-    """A callable for another thread that resolves `future` on `loop` (None for None)."""
-    if future is None:
-        return None
+_LAUNCH_WAIT_S = 0.05
 
-    def resolve() -> None:
-        if not future.done():
-            future.set_result(None)
 
-    return lambda: loop.call_soon_threadsafe(resolve)
+class _Launch:
+    """Set by the GPU thread once a step is on the device's queue: an event the loop can block
+    on and a future it can await."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.event = threading.Event()
+        self.future: asyncio.Future[None] = loop.create_future()
+        self._loop = loop
+
+    def set(self) -> None:
+        if self.event.is_set():
+            return
+        self.event.set()
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
+            self._loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
