@@ -298,8 +298,10 @@ class AsyncEngine:
                 self._expire_sessions()
                 self.last_progress = time.monotonic()
                 continue
-            marks = [time.perf_counter()] if self._trace is not None else None
+            marks = {"t": time.perf_counter()} if self._trace is not None else None
             out = self.scheduler.schedule()
+            if marks is not None:
+                marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
             if not out:
                 if pending:  # its stop strings may end sequences and free blocks
                     self._process(pending)
@@ -310,7 +312,7 @@ class AsyncEngine:
                 continue
             if marks is not None:
                 self.runner.timing = {}
-                marks.append(time.perf_counter())
+                marks["submit"] = time.perf_counter()
             try:
                 masks = self._grammar_rows(out)
                 allowed: Future[Any] | None = Future() if masks else None
@@ -332,12 +334,14 @@ class AsyncEngine:
                     # its blocks are not reused before the next schedule, and its extra token is
                     # dropped.
                     if marks is not None:
-                        marks.append(time.perf_counter())
+                        marks["process_start"] = time.perf_counter()
                     self._process(pending)
                     pending = []
                     if marks is not None:
-                        marks.append(time.perf_counter())
+                        marks["process_ms"] = (time.perf_counter() - marks["process_start"]) * 1e3
                 step = await running
+                if marks is not None:
+                    marks["result"] = time.perf_counter()
             except Exception as exc:
                 log.exception(
                     "engine step failed",
@@ -355,26 +359,23 @@ class AsyncEngine:
             if marks is not None:
                 self._trace_step(out, marks)
 
-    def _trace_step(self, out: Any, marks: list[float]) -> None:
-        """One trace line: the loop's times (schedule, submit, detokenize the step before,
-        result in hand) and the GPU thread's (start, launched, tokens on the host)."""
+    def _trace_step(self, out: Any, marks: dict[str, float]) -> None:
+        """One trace line: the loop's times (schedule start `t`, `submit`, `process_start` of
+        the step before's tokens, `result` in hand, `done` updating) and the GPU thread's
+        (`start`, `launched`, `end` with the tokens on the host)."""
         assert self._trace is not None
-        now = time.perf_counter()
-        record = {
-            "t": marks[0],
-            "schedule_ms": (marks[1] - marks[0]) * 1e3,
-            "seqs": len(out.scheduled),
-            "tokens": sum(item.num_new_tokens for item in out.scheduled),
-            "decodes": sum(item.num_new_tokens == 1 for item in out.scheduled),
-            "waiting": len(self.scheduler.waiting),
-            "requests": len(self._requests),
-            "submit": marks[1],
-            "done": now,
-            **(self.runner.timing or {}),
-        }
-        if len(marks) == 4:
-            record["process_start"], record["process_ms"] = marks[2], (marks[3] - marks[2]) * 1e3
-        self._trace.write(record)
+        self._trace.write(
+            {
+                **marks,
+                "done": time.perf_counter(),
+                "seqs": len(out.scheduled),
+                "tokens": sum(item.num_new_tokens for item in out.scheduled),
+                "decodes": sum(item.num_new_tokens == 1 for item in out.scheduled),
+                "waiting": len(self.scheduler.waiting),
+                "requests": len(self._requests),
+                **(self.runner.timing or {}),
+            }
+        )
 
     def _execute(
         self, out: Any, allowed: Future[Any] | None, launch: _Launch

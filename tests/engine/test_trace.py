@@ -39,7 +39,8 @@ def test_trace_records_every_step(
     assert [r["tokens"] for r in steps[:2]] == [32, 18]
     assert sum(r["decodes"] for r in steps) == 2 * 5
     for r in steps:
-        assert r["t"] <= r["submit"] <= r["start"] <= r["launched"] <= r["end"] <= r["done"]
+        assert r["t"] <= r["submit"] <= r["start"] <= r["launched"] <= r["end"] <= r["result"]
+        assert r["result"] <= r["done"]
         assert r["kind"] == "eager"  # no graphs on the CPU
     summary = report(records)
     assert summary["run"]["steps"] == len(steps)
