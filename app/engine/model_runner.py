@@ -81,25 +81,7 @@ class ModelRunner:
 
     def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Logits from a decode graph, or None when the step is not a plain decode batch."""
-        graphs = self.graphs
-        if graphs is None:
-            return None
-        items = out.scheduled
-        if not graphs.fits(len(items), max(len(i.block_table) for i in items)):
-            return None
-        bs = self.block_size
-        input_ids, positions, slots, seq_lens = [], [], [], []
-        for item in items:
-            if item.num_new_tokens != 1 or not item.sample or item.seq.params.prompt_logprobs:
-                return None
-            pos = item.start_pos
-            input_ids.append(item.token_ids[0])
-            positions.append(pos)
-            slots.append(item.block_table[pos // bs] * bs + pos % bs)
-            seq_lens.append(pos + 1)
-        return graphs.run(
-            input_ids, positions, slots, seq_lens, [item.block_table for item in items]
-        )
+        return None if self.graphs is None else self.graphs.run(out.scheduled)
 
     def _mixed_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Logits of the sampling rows from a mixed-step graph, or None when the step does not

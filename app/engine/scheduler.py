@@ -8,6 +8,7 @@ Every status transition happens here.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from app.engine.sequence import FinishReason, Sequence, SequenceStatus
 from app.engine.sessions import SessionManager
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     """One sequence's share of a step, with a snapshot of what the runner reads."""
 
@@ -29,15 +30,17 @@ class ScheduledSequence:
     sample: bool  # the chunk reaches the end of the known tokens: sample the next one
 
     @classmethod
-    def plan(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+    def plan(cls, seq: Sequence, num_new_tokens: int, remaining: int) -> ScheduledSequence:
+        """`remaining`: the tokens `seq` has without KV (its next token is sampled once a
+        chunk covers them all)."""
+        start = seq.num_computed_tokens
         return cls(
             seq,
             num_new_tokens,
             start,
-            seq.token_ids_slice(start, end),
+            seq.token_ids_slice(start, start + num_new_tokens),
             tuple(seq.block_table),
-            end == seq.num_tokens,
+            num_new_tokens == remaining,
         )
 
 
@@ -66,7 +69,7 @@ class StepOutput:
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> chunk's
 
 
-@dataclass
+@dataclass(slots=True)
 class SequenceUpdate:
     seq: Sequence
     token_id: int
@@ -168,17 +171,21 @@ class Scheduler:
         preempted = False
         planned: dict[int, ScheduledSequence] = {}
         # Decodes first, then unfinished prefill chunks, each group in arrival order.
-        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        decodes: list[tuple[Sequence, int]] = []
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            (decodes if remaining <= 1 else chunks).append((seq, remaining))
         bs = self.block_manager.block_size
-        for seq in order:
+        for seq, remaining in itertools.chain(decodes, chunks):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted a moment ago
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(remaining, budget)
             if (seq.num_computed_tokens + n + bs - 1) // bs <= len(seq.block_table):
                 # Most decodes: the last block still has room, nothing to allocate.
-                planned[seq.seq_id] = ScheduledSequence.plan(seq, n)
+                planned[seq.seq_id] = ScheduledSequence.plan(seq, n, remaining)
                 budget -= n
                 continue
             while not self.block_manager.can_allocate(seq, n):
@@ -194,7 +201,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.block_manager.allocate(seq, n)
-            planned[seq.seq_id] = ScheduledSequence.plan(seq, n)
+            planned[seq.seq_id] = ScheduledSequence.plan(seq, n, remaining)
             budget -= n
 
         if not preempted:
@@ -216,7 +223,8 @@ class Scheduler:
                 continue
             if not seq.block_table and seq.num_computed_tokens == 0:
                 self._reuse_computed_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
             while not self.block_manager.can_allocate(seq, n):
                 if not self.sessions.release_idle_lru():
                     break
@@ -231,7 +239,7 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            planned[seq.seq_id] = ScheduledSequence.plan(seq, n)
+            planned[seq.seq_id] = ScheduledSequence.plan(seq, n, remaining)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return budget
@@ -261,41 +269,48 @@ class Scheduler:
     def update(self, out: SchedulerOutput, step: StepOutput) -> list[SequenceUpdate]:
         """Advance counters, append sampled tokens, apply token-level stops."""
         updates: list[SequenceUpdate] = []
+        commit = self.block_manager.commit
+        prompt_logprobs = step.prompt_logprobs
         row = 0
         for item in out.scheduled:
             seq = item.seq
             if item.sample:
                 sampled = (step.token_ids[row], step.logprobs[row], step.top_logprobs[row])
                 row += 1
-            if seq.is_finished:  # aborted while the step ran
+            if seq.status is SequenceStatus.FINISHED:  # aborted while the step ran
                 continue
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
+            num_prompt = len(seq.prompt_ids)
+            if seq.num_computed_tokens < num_prompt:
                 self.stats.prompt_tokens_computed += min(
-                    item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
+                    item.num_new_tokens, num_prompt - seq.num_computed_tokens
                 )
             seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.commit(seq)
-            chunk_logprobs = step.prompt_logprobs.get(seq.seq_id)
-            if chunk_logprobs is not None and len(seq.prompt_logprobs) == item.start_pos:
-                seq.prompt_logprobs.extend(chunk_logprobs)  # not again when recomputing
+            commit(seq)
+            if prompt_logprobs:
+                chunk_logprobs = prompt_logprobs.get(seq.seq_id)
+                if chunk_logprobs is not None and len(seq.prompt_logprobs) == item.start_pos:
+                    seq.prompt_logprobs.extend(chunk_logprobs)  # not again when recomputing
             if not item.sample:
                 continue
             token_id, logprob, top = sampled
             seq.output_ids.append(token_id)
-            self.stats.generation_tokens += 1
             updates.append(SequenceUpdate(seq, token_id, logprob, top))
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
                 self.finish(seq, reason)
+        self.stats.generation_tokens += len(updates)
         return updates
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.params
-        if seq.num_output_tokens >= params.min_new_tokens and (
+        num_output = len(seq.output_ids)
+        if num_output >= params.min_new_tokens and (
             token_id in params.stop_token_ids
             or (not params.ignore_eos and token_id in self.eos_token_ids)
         ):
             return FinishReason.STOP
-        if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= params.max_new_tokens or len(seq.prompt_ids) + num_output >= (
+            self.max_model_len
+        ):
             return FinishReason.LENGTH
         return None
