@@ -51,11 +51,58 @@ def stage_decode_rows(
     rows[0, :n] = [item.token_ids[0] for item in items]
     rows[1, :n] = positions
     rows[3, :n] = positions + 1
-    staged = tables[:n, :width]
-    staged[np.arange(width) < lengths[:, None]] = list(itertools.chain.from_iterable(block_tables))
+    staged = _fill_tables(tables, block_tables, lengths)
     blocks = staged[np.arange(n), positions // block_size].astype(np.int64)
     rows[2, :n] = blocks * block_size + positions % block_size
     return True
+
+
+def stage_mixed_rows(
+    items: list[ScheduledSequence], bucket: int, rows: np.ndarray, tables: np.ndarray
+) -> int:
+    """Write a step's layout for a mixed graph of `bucket` tokens and `s` sequence slots:
+    `rows` holds token ids [t], query starts [s+1], sequence lengths [s] and sampling rows [s]
+    (t = len(rows) - 3s - 1); `tables[:n]` the block tables. Slots past the step's sequences
+    are empty but the last, which owns the padding tokens (its table row is left to the caller:
+    all scratch). Returns the widest table."""
+    s = tables.shape[0]
+    t = len(rows) - 3 * s - 1
+    ids, query_start = rows[:t], rows[t : t + s + 1]
+    seq_lens, sample_rows = rows[t + s + 1 : t + 2 * s + 1], rows[t + 2 * s + 1 :]
+    n = len(items)
+    counts = np.array([item.num_new_tokens for item in items], dtype=np.int64)
+    ends = np.cumsum(counts)
+    row = int(ends[-1]) if n else 0
+    ids[:row] = list(itertools.chain.from_iterable(item.token_ids for item in items))
+    ids[row:bucket] = 0
+    query_start[0] = 0
+    query_start[1 : n + 1] = ends
+    query_start[n + 1 : s] = row  # empty sequences, then the padding sequence
+    query_start[s] = bucket
+    seq_lens[:n] = [item.start_pos + item.num_new_tokens for item in items]
+    seq_lens[n : s - 1] = 0
+    seq_lens[s - 1] = bucket - row
+    sampled = ends[[item.sample for item in items]] - 1 if n else ends
+    sample_rows[: len(sampled)] = sampled
+    sample_rows[len(sampled) :] = 0
+    if not n:
+        return 0
+    block_tables = [item.block_table for item in items]
+    lengths = np.array([len(table) for table in block_tables])
+    _fill_tables(tables, block_tables, lengths)
+    return int(lengths.max())
+
+
+def _fill_tables(
+    tables: np.ndarray, block_tables: list[tuple[int, ...]], lengths: np.ndarray
+) -> np.ndarray:
+    """Each table at the start of its row of `tables` (the rest of a row keeps what it held);
+    returns the filled `[n, widest]` view."""
+    staged = tables[: len(block_tables), : int(lengths.max())]
+    staged[np.arange(staged.shape[1]) < lengths[:, None]] = list(
+        itertools.chain.from_iterable(block_tables)
+    )
+    return staged
 
 
 class DecodeGraphs:
@@ -238,33 +285,9 @@ class MixedGraphs:
         bucket = next(t for t in self.buckets if t >= num_tokens)
         if self._copied is not None:  # the last step's copy out of the host buffers is done
             self._copied.synchronize()
-        t, s = self.max_tokens, self.num_slots
-        host = self._host.numpy()
-        tables = self._host_tables.numpy()
-        ids, query_start = host[:t], host[t : t + s + 1]
-        seq_lens, sample_rows = host[t + s + 1 : t + 2 * s + 1], host[t + 2 * s + 1 :]
-        row = 0
-        num_rows = 0
-        width = 1
-        for i, item in enumerate(items):
-            n = item.num_new_tokens
-            ids[row : row + n] = item.token_ids
-            query_start[i] = row
-            seq_lens[i] = item.start_pos + n
-            tables[i, : len(item.block_table)] = item.block_table
-            width = max(width, len(item.block_table))
-            row += n
-            if item.sample:
-                sample_rows[num_rows] = row - 1
-                num_rows += 1
-        ids[row:bucket] = 0
-        query_start[len(items) : s] = row  # empty sequences, then the padding sequence
-        query_start[s] = bucket
-        seq_lens[len(items) : s - 1] = 0
-        seq_lens[s - 1] = bucket - row
-        sample_rows[num_rows:] = 0
+        width = stage_mixed_rows(items, bucket, self._host.numpy(), self._host_tables.numpy())
         self._rows.copy_(self._host, non_blocking=True)
-        if items:
+        if width:
             self.block_tables[: len(items), :width].copy_(
                 self._host_tables[: len(items), :width], non_blocking=True
             )

@@ -1,16 +1,19 @@
-"""Decode-graph input staging: the whole-batch numpy version writes what a loop over the
-sequences would, and refuses steps that are not plain decode batches."""
+"""CUDA-graph input staging (numpy, so it runs anywhere): decode batches get what a loop over
+the sequences would write, other steps are refused; mixed steps get a padded layout whose
+positions and cache slots come out right."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import torch
 
 from app.engine.config import SamplingParams
-from app.engine.cuda_graphs import stage_decode_rows
+from app.engine.cuda_graphs import stage_decode_rows, stage_mixed_rows
 from app.engine.scheduler import ScheduledSequence
 from app.engine.sequence import Sequence
+from app.kernels.attention import token_layout
 
 BLOCK = 16
 
@@ -57,3 +60,37 @@ def test_staging_refuses_other_steps() -> None:
     wide = decode_item(rng, 3, params)
     assert not staged([wide], width=len(wide.block_table) - 1)
     assert (rows == 0).all()
+
+
+def test_mixed_staging_pads_with_empty_sequences_and_a_padding_owner() -> None:
+    """A mixed step in a graph of 64 tokens and 6 sequence slots: the staged layout gives every
+    real token its position and slot (token_layout, as inside the graph), the sampling rows are
+    the chunks' last tokens, and the last slot owns the padding tokens in the scratch block."""
+    rng = random.Random(2)
+    params = SamplingParams(max_new_tokens=8)
+    decode = decode_item(rng, 0, params)
+    prompt = Sequence(1, "r", 0, list(range(40)), params)
+    prompt.num_computed_tokens = 16
+    prompt.block_table = [500, 501, 502]
+    chunk = ScheduledSequence.plan(prompt, 20, 24)  # not the prompt's end: no sample
+    items = [decode, chunk]
+    bucket, slots, scratch = 64, 6, 999
+    rows = np.full(bucket + 3 * slots + 1, -1, dtype=np.int64)
+    tables = np.full((slots, 16), scratch, dtype=np.int32)
+    assert stage_mixed_rows(items, bucket, rows, tables) == 3  # the widest table
+    t = bucket
+    query_start, seq_lens = rows[t : t + slots + 1], rows[t + slots + 1 : t + 2 * slots + 1]
+    assert query_start.tolist() == [0, 1, 21, 21, 21, 21, 64]
+    assert seq_lens.tolist() == [decode.start_pos + 1, 36, 0, 0, 0, 43]
+    assert rows[t + 2 * slots + 1 :].tolist() == [0] * slots  # the decode's row 0 only
+    assert rows[:21].tolist() == [*decode.token_ids, *range(16, 36)]
+    positions, cache_slots = token_layout(
+        torch.from_numpy(query_start), torch.from_numpy(seq_lens),
+        torch.from_numpy(tables.astype(np.int64)), BLOCK, bucket,
+    )  # fmt: skip
+    pos = decode.start_pos
+    assert positions.tolist() == [pos, *range(16, 36), *range(43)]
+    want = [decode.block_table[pos // BLOCK] * BLOCK + pos % BLOCK]
+    want += [prompt.block_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(16, 36)]
+    want += [scratch * BLOCK + p % BLOCK for p in range(43)]
+    assert cache_slots.tolist() == want
