@@ -46,6 +46,8 @@ def report(records: list[dict]) -> dict[str, dict[str, float]]:
         "device_busy_frac": device / wall if wall else float("nan"),
         "tokens_per_step": statistics.mean(r["tokens"] for r in steps),
         "seqs_per_step": statistics.mean(r["seqs"] for r in steps),
+        # Scheduled while the step before ran, before its tokens reached the host.
+        "ahead_steps": sum(bool(r.get("ahead")) for r in steps),
     }
     for kind in ("decode", "mixed", "eager"):
         chosen = [r for r in steps if r.get("kind") == kind]

@@ -167,9 +167,12 @@ class DecodeGraphs:
         log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
     @torch.inference_mode()
-    def run(self, items: list[ScheduledSequence]) -> torch.Tensor | None:
+    def run(
+        self, items: list[ScheduledSequence], input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Replay the smallest graph that holds a plain decode batch and return its logits
-        rows; None (nothing replayed) for any other step."""
+        rows; None (nothing replayed) for any other step. `input_ids` on the device, when
+        given, replace the items' own (a step scheduled ahead of its tokens)."""
         n = len(items)
         b = next((size for size in self.buckets if size >= n), None)
         if b is None:
@@ -188,6 +191,8 @@ class DecodeGraphs:
         self.positions[:b].copy_(self._device_rows[1, :b])
         self.slot_mapping[:b].copy_(self._device_rows[2, :b])
         self.seq_lens[:b].copy_(self._device_rows[3, :b])
+        if input_ids is not None:
+            self.input_ids[:n].copy_(input_ids)
         self._graphs[b].replay()
         return self._logits[b][:n]
 

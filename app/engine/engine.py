@@ -1,8 +1,10 @@
 """AsyncEngine: the engine loop coroutine, request admission, aborts and output streams.
 
 The loop runs on the caller's asyncio loop: schedule (plain Python), hand the batch to the one
-GPU thread, then turn sampled tokens into text deltas on the loop. A failing step fails the
-requests it carried, never the loop.
+GPU thread, then turn sampled tokens into text deltas on the loop. While a decode step runs, the
+next one is scheduled and queued behind it when nothing in it waits for the running step's
+tokens (they reach it on the device). A failing step fails the requests it carried, never the
+loop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from app.engine.block_manager import BlockManager
@@ -282,56 +285,51 @@ class AsyncEngine:
 
     # --------------------------------------------------------------- engine loop
     async def _loop(self) -> None:
-        """Schedule, launch, and while the GPU runs step N, detokenize step N-1's tokens."""
+        """Schedule, launch, and while the GPU runs step N: schedule step N+1 ahead of N's
+        tokens when nothing in it depends on them (it then runs right after N), and detokenize
+        step N-1's tokens."""
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         pending: list[SequenceUpdate] = []  # sampled last step, not yet turned into text
+        ahead: _InFlight | None = None  # the next step, already submitted
         while True:
-            if pending and not self.scheduler.has_work:
-                self._process(pending)
-                pending = []
-                continue
-            if not self.scheduler.has_work:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                self._expire_sessions()
-                self.last_progress = time.monotonic()
-                continue
-            marks = {"t": time.perf_counter()} if self._trace is not None else None
-            out = self.scheduler.schedule()
-            if marks is not None:
-                marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
-            if not out:
-                if pending:  # its stop strings may end sequences and free blocks
+            if ahead is not None:
+                current, ahead = ahead, None
+            else:
+                if pending and not self.scheduler.has_work:
                     self._process(pending)
                     pending = []
                     continue
-                self._fail_unschedulable()
-                await asyncio.sleep(0)
-                continue
-            if marks is not None:
-                self.runner.timing = {}
-                marks["submit"] = time.perf_counter()
+                if not self.scheduler.has_work:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    self._expire_sessions()
+                    self.last_progress = time.monotonic()
+                    continue
+                marks = {"t": time.perf_counter()} if self._trace is not None else None
+                out = self.scheduler.schedule()
+                if not out:
+                    if pending:  # its stop strings may end sequences and free blocks
+                        self._process(pending)
+                        pending = []
+                        continue
+                    self._fail_unschedulable()
+                    await asyncio.sleep(0)
+                    continue
+                current = self._submit(loop, out, marks)
+            marks = current.marks
             try:
-                masks = self._grammar_rows(out)
-                allowed: Future[Any] | None = Future() if masks else None
-                launch = _Launch(loop)
-                running = loop.run_in_executor(self._executor, self._execute, out, allowed, launch)
-                # The GPU thread's Python (inputs, kernel launches) must not queue for the GIL
-                # behind the loop's work (detokenization, HTTP): the device would sit idle
-                # meanwhile. The loop holds still until the step is launched (a graph replay
-                # well under a millisecond, an eager step a few), waiting longer only
-                # asynchronously (a kernel compiling). On the CPU, launching is computing.
-                wait = _LAUNCH_WAIT_S if self.runner.device.type == "cuda" else 0.0
-                if not launch.event.wait(wait):
-                    first = asyncio.FIRST_COMPLETED
-                    await asyncio.wait((launch.future, running), return_when=first)
-                if allowed is not None:  # the sampler needs it once the forward pass is done
-                    self._fill_masks(masks, allowed)
+                await self._launched(current)
+                if current.allowed is not None:  # the sampler needs it after the forward pass
+                    self._fill_masks(current.masks, current.allowed)
+                ahead_marks = {"t": time.perf_counter()} if self._trace is not None else None
+                nxt = self.scheduler.schedule_ahead(current.out)
+                if nxt is not None:
+                    ahead = self._submit(loop, nxt, ahead_marks)
                 if pending:
-                    # A sequence this finishes (a stop string) may be in the step now running:
-                    # its blocks are not reused before the next schedule, and its extra token is
+                    # A sequence this finishes (a stop string) may be in the steps now running:
+                    # its blocks are not reused before they end, and its extra tokens are
                     # dropped.
                     if marks is not None:
                         marks["process_start"] = time.perf_counter()
@@ -339,49 +337,86 @@ class AsyncEngine:
                     pending = []
                     if marks is not None:
                         marks["process_ms"] = (time.perf_counter() - marks["process_start"]) * 1e3
-                step = await running
+                step = await current.running
                 if marks is not None:
                     marks["result"] = time.perf_counter()
+                if ahead is not None:  # the GPU thread starts it now: let it launch first
+                    await self._launched(ahead)
             except Exception as exc:
-                log.exception(
-                    "engine step failed",
-                    extra={"request_ids": sorted({s.seq.request_id for s in out.scheduled})},
-                )
+                ids = sorted({item.seq.request_id for item in current.out.scheduled})
+                log.exception("engine step failed", extra={"request_ids": ids})
+                if ahead is not None:  # its sequences fail with the rest
+                    with contextlib.suppress(Exception):
+                        await ahead.running
+                    ahead = None
                 self.last_error = f"engine step failed: {type(exc).__name__}"
                 self._fail(self.scheduler.fail_all(self.last_error))
                 self.block_manager.reset_prefix_cache()
                 continue
             self.last_error = None
             self.last_progress = time.monotonic()
-            pending = self.scheduler.update(out, step)
+            pending = self.scheduler.update(current.out, step)
             for update in pending:  # before the next step's grammar masks are filled
                 self._accept_grammar(update.seq, update.token_id)
             if marks is not None:
-                self._trace_step(out, marks)
+                self._trace_step(current, marks)
 
-    def _trace_step(self, out: Any, marks: dict[str, float]) -> None:
+    def _submit(
+        self, loop: asyncio.AbstractEventLoop, out: Any, marks: dict[str, float] | None
+    ) -> _InFlight:
+        """Hand a step to the GPU thread (behind any step it is running)."""
+        if marks is not None:
+            marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
+            marks["submit"] = time.perf_counter()
+        masks = self._grammar_rows(out)
+        allowed: Future[Any] | None = Future() if masks else None
+        launch = _Launch(loop)
+        timing: dict[str, Any] | None = {} if marks is not None else None
+        running = loop.run_in_executor(self._executor, self._execute, out, allowed, launch, timing)
+        return _InFlight(out, running, launch, masks, allowed, marks, timing)
+
+    async def _launched(self, step: _InFlight) -> None:
+        """Return once `step` is on the device's queue.
+
+        The GPU thread's Python (inputs, kernel launches) must not queue for the GIL behind the
+        loop's work (detokenization, HTTP): the device would sit idle meanwhile. So the loop
+        holds still until the launch (a graph replay well under a millisecond, an eager step a
+        few), waiting longer only asynchronously (a kernel compiling, or a step queued behind
+        another). On the CPU, launching is computing."""
+        wait = _LAUNCH_WAIT_S if self.runner.device.type == "cuda" else 0.0
+        if not step.launch.event.wait(wait):
+            first = asyncio.FIRST_COMPLETED
+            await asyncio.wait((step.launch.future, step.running), return_when=first)
+
+    def _trace_step(self, step: _InFlight, marks: dict[str, float]) -> None:
         """One trace line: the loop's times (schedule start `t`, `submit`, `process_start` of
         the step before's tokens, `result` in hand, `done` updating) and the GPU thread's
         (`start`, `launched`, `end` with the tokens on the host)."""
         assert self._trace is not None
+        out = step.out
         self._trace.write(
             {
                 **marks,
                 "done": time.perf_counter(),
+                "ahead": out.ahead_rows is not None,
                 "seqs": len(out.scheduled),
                 "tokens": sum(item.num_new_tokens for item in out.scheduled),
                 "decodes": sum(item.num_new_tokens == 1 for item in out.scheduled),
                 "waiting": len(self.scheduler.waiting),
                 "requests": len(self._requests),
-                **(self.runner.timing or {}),
+                **(step.timing or {}),
             }
         )
 
     def _execute(
-        self, out: Any, allowed: Future[Any] | None, launch: _Launch
+        self,
+        out: Any,
+        allowed: Future[Any] | None,
+        launch: _Launch,
+        timing: dict[str, Any] | None,
     ) -> StepOutput:  # the GPU thread
         try:
-            return self.runner.execute(out, allowed, launch.set)
+            return self.runner.execute(out, allowed, launch.set, timing)
         finally:
             launch.set()  # a step that failed before launching must not hold the loop
 
@@ -510,6 +545,19 @@ class AsyncEngine:
 
 
 _LAUNCH_WAIT_S = 0.05
+
+
+@dataclass
+class _InFlight:
+    """A step handed to the GPU thread, with what the loop needs when its result comes."""
+
+    out: Any
+    running: asyncio.Future[StepOutput]
+    launch: _Launch
+    masks: list[Sequence | None]
+    allowed: Future[Any] | None
+    marks: dict[str, float] | None
+    timing: dict[str, Any] | None
 
 
 class _Launch:

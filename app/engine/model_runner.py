@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,8 +66,7 @@ class ModelRunner:
         self._pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
-        # Set by the engine when tracing: each step's host times (and device span on CUDA).
-        self.timing: dict[str, float] | None = None
+        self._last_tokens: torch.Tensor | None = None  # the last step's samples, on the device
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int, max_tokens: int) -> None:
         """Capture decode and mixed-step graphs (CUDA only); afterwards the steps that fit them
@@ -79,9 +79,20 @@ class ModelRunner:
         self.graphs = graphs
         self.mixed_graphs = mixed if mixed.buckets else None
 
-    def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _graph_logits(
+        self, out: SchedulerOutput, input_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Logits from a decode graph, or None when the step is not a plain decode batch."""
-        return None if self.graphs is None else self.graphs.run(out.scheduled)
+        return None if self.graphs is None else self.graphs.run(out.scheduled, input_ids)
+
+    def _ahead_input_ids(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """A step scheduled ahead takes its input ids from the previous step's samples, which
+        never went through the host."""
+        if out.ahead_rows is None:
+            return None
+        if self._last_tokens is None:
+            raise RuntimeError("a step scheduled ahead must follow a sampling step")
+        return self._last_tokens.index_select(0, self._tensor(out.ahead_rows, torch.int64))
 
     def _mixed_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Logits of the sampling rows from a mixed-step graph, or None when the step does not
@@ -152,26 +163,30 @@ class ModelRunner:
         out: SchedulerOutput,
         allowed: Future[torch.Tensor] | None = None,
         launched: Callable[[], None] | None = None,
+        timing: dict[str, Any] | None = None,
     ) -> StepOutput:
         """Run one step. `allowed`, when given, resolves (while the forward runs) to the grammar
         mask of the sampling rows: bool [rows, vocab]. `launched` is called once the forward
-        pass is on the device's queue."""
+        pass is on the device's queue. `timing`, when given, receives the step's host times
+        (and its device span on CUDA)."""
         for seq_id in out.released_seq_ids:
             self._generators.pop(seq_id, None)
         step = StepOutput()
         if not out.scheduled:
             return step
-        timing = self.timing
         if timing is not None:
             events = self._start_timing(timing)
+        ahead_ids = self._ahead_input_ids(out)
         kind = "decode"
-        logits = self._graph_logits(out)
-        if logits is None:
+        logits = self._graph_logits(out, ahead_ids)
+        if logits is None and ahead_ids is None:
             kind = "mixed"
             logits = self._mixed_logits(out)
         if logits is None:
             kind = "eager"
             inp = self.prepare(out)
+            if ahead_ids is not None:
+                inp.input_ids.copy_(ahead_ids)
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
             logits = self.model.compute_logits(hidden[inp.logit_rows])
         if launched is not None:
@@ -204,6 +219,7 @@ class ModelRunner:
             sampled = self.sampler(logits[sample_rows], rows, mask)
             step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
             step.top_logprobs = sampled.top_logprobs
+            self._last_tokens = sampled.device_ids
         if timing is not None:
             self._end_timing(timing, events)
         return step

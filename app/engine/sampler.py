@@ -37,6 +37,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
+    device_ids: torch.Tensor | None = None  # token_ids, still on the device
 
 
 class Sampler:
@@ -56,7 +57,9 @@ class Sampler:
         if sampled_rows:
             index = torch.tensor(sampled_rows, device=raw.device)
             token_ids[index] = _sample(processed[index], [rows[i] for i in sampled_rows])
-        return _output(raw, token_ids, rows)
+        output = _output(raw, token_ids, rows)
+        output.device_ids = token_ids
+        return output
 
     def _process(
         self, logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None

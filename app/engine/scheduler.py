@@ -50,6 +50,9 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     released_seq_ids: list[int] = field(default_factory=list)  # finished since the last step
+    # A step scheduled ahead (`Scheduler.schedule_ahead`): row i's input token is the one the
+    # previous step sampled in its row ahead_rows[i], still on the device.
+    ahead_rows: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -209,6 +212,54 @@ class Scheduler:
         out.scheduled = list(planned.values())
         return out
 
+    def schedule_ahead(self, out: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode step after `out`, scheduled while `out` still runs, before its tokens are
+        known: every sequence advances by the token `out` is sampling now. Only when `out`
+        decodes every running sequence, no waiting request could be admitted, and no sampling
+        depends on `out`'s token (grammar, penalties, bad words, min_tokens) and no session is
+        involved; otherwise None and the next step is scheduled once the tokens arrive. A
+        sequence that `out` ends by length is left out; one that `out` ends otherwise (eos, a
+        stop) computes one token too many, which `update` drops."""
+        items = out.scheduled
+        if (
+            not items
+            or len(items) != len(self.running)
+            or (self.waiting and len(self.running) < self.max_batch_size)
+        ):
+            return None
+        rows: list[int] = []
+        for row, item in enumerate(items):
+            seq = item.seq
+            if item.num_new_tokens != 1 or not item.sample or not _independent(seq):
+                return None
+            if seq.status is not SequenceStatus.RUNNING:
+                return None  # aborted or finished while `out` runs
+            if (
+                seq.num_output_tokens + 1 < seq.params.max_new_tokens
+                and seq.num_tokens + 1 < self.max_model_len
+            ):
+                rows.append(row)
+        if not rows:
+            return None
+        bm = self.block_manager
+        seqs = [items[row].seq for row in rows]
+        # `out` computes position num_computed_tokens, the step ahead the one after it.
+        needed = sum(
+            max(0, bm.blocks_needed(s.num_computed_tokens + 2) - len(s.block_table)) for s in seqs
+        )
+        if needed > bm.num_free_blocks:
+            return None
+        ahead = SchedulerOutput(released_seq_ids=self._released, ahead_rows=rows)
+        self._released = []
+        for seq in seqs:
+            bm.allocate(seq, 2)
+            ahead.scheduled.append(
+                ScheduledSequence(
+                    seq, 1, seq.num_computed_tokens + 1, [0], tuple(seq.block_table), True
+                )
+            )
+        return ahead
+
     def _admit_waiting(self, planned: dict[int, ScheduledSequence], budget: int) -> int:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
@@ -314,3 +365,17 @@ class Scheduler:
         ):
             return FinishReason.LENGTH
         return None
+
+
+def _independent(seq: Sequence) -> bool:
+    """Whether `seq`'s next sampling needs nothing from the token sampled before it."""
+    params = seq.params
+    return (
+        seq.grammar is None
+        and seq.session_id is None
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+        and not params.bad_words_ids
+        and seq.num_output_tokens >= params.min_new_tokens
+    )

@@ -1,0 +1,99 @@
+"""Steps scheduled ahead of their predecessor's tokens give exactly the tokens of the plain
+order: greedy and seeded sampling, length limits, stop tokens and sequences ending mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from app.engine.config import EngineConfig, SamplingParams
+from app.engine.engine import AsyncEngine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> AsyncEngine:
+    eng = AsyncEngine(str(tiny_model_dir), EngineConfig(block_size=16, max_prefill_token_num=256))
+    yield eng
+    eng.shutdown()
+
+
+def generate_all(
+    engine: AsyncEngine, requests: list[tuple[list[int], SamplingParams]], ahead: bool
+) -> tuple[list[list[int]], int]:
+    """Every request's tokens, and how many steps were scheduled ahead."""
+    scheduler = engine.scheduler
+    original = scheduler.schedule_ahead
+    count = 0
+
+    def counted(out):  # type: ignore[no-untyped-def]
+        nonlocal count
+        nxt = original(out) if ahead else None
+        count += nxt is not None
+        return nxt
+
+    scheduler.schedule_ahead = counted  # type: ignore[method-assign]
+
+    async def one(ids: list[int], params: SamplingParams) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(ids, params):
+            tokens += out.token_ids
+        return tokens
+
+    async def main() -> list[list[int]]:
+        try:
+            return await asyncio.gather(*(one(ids, p) for ids, p in requests))
+        finally:
+            await engine.stop()
+
+    try:
+        return asyncio.run(main()), count
+    finally:
+        scheduler.schedule_ahead = original  # type: ignore[method-assign]
+
+
+def test_ahead_matches_the_plain_order(engine: AsyncEngine) -> None:
+    greedy = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 9, 20, 33)
+    ]
+    seeded = [
+        SamplingParams(max_new_tokens=25, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)
+        for s in (1, 2)
+    ]
+    requests = [(list(range(10 + i, 40 + 3 * i)), p) for i, p in enumerate(greedy + seeded)]
+    plain, none_ahead = generate_all(engine, requests, ahead=False)
+    overlapped, ahead = generate_all(engine, requests, ahead=True)
+    assert none_ahead == 0 and ahead > 10
+    assert overlapped == plain
+    assert [len(t) for t in plain] == [3, 9, 20, 33, 25, 25]
+
+
+def test_a_stop_token_ends_the_sequence_at_the_same_place(engine: AsyncEngine) -> None:
+    greedy = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    prompt = list(range(50, 80))
+    (free,), _ = generate_all(engine, [(prompt, greedy)], ahead=False)
+    stop = free[12]  # the sequence is mid-batch when this comes: a step ahead is in flight
+    params = SamplingParams(
+        max_new_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=(stop,)
+    )
+    longer = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    requests = [(prompt, params), (list(range(90, 100)), longer)]
+    plain, _ = generate_all(engine, requests, ahead=False)
+    overlapped, ahead = generate_all(engine, requests, ahead=True)
+    assert ahead > 0
+    assert overlapped == plain
+    assert overlapped[0] == free[: free.index(stop) + 1]
+    assert len(overlapped[1]) == 40
+
+
+def test_sampling_that_reads_the_history_is_not_scheduled_ahead(engine: AsyncEngine) -> None:
+    penalized = SamplingParams(
+        max_new_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3
+    )
+    late_eos = SamplingParams(max_new_tokens=12, temperature=0.0, min_new_tokens=12)
+    for params in (penalized, late_eos):
+        plain, _ = generate_all(engine, [(list(range(5, 25)), params)], ahead=False)
+        overlapped, ahead = generate_all(engine, [(list(range(5, 25)), params)], ahead=True)
+        assert overlapped == plain
+        assert ahead == 0
