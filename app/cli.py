@@ -79,6 +79,16 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
     )
     parser.add_argument("--eager-mode", action="store_true", default=None)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--async-scheduling", dest="async_scheduling", action="store_true", default=None
+    )
+    group.add_argument(
+        "--no-async-scheduling",
+        dest="async_scheduling",
+        action="store_false",
+        help="schedule each step only once the previous step's tokens reached the host",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", default=None)
 
 

@@ -63,3 +63,13 @@ def test_unknown_key_in_config_file(tmp_path) -> None:
     config.write_text("[engine]\nmax_batch_sise = 7\n")
     with pytest.raises(ValueError, match="max_batch_sise"):
         load_settings(config_file=str(config), env={})
+
+
+def test_async_scheduling_switches_off_by_flag_or_environment() -> None:
+    from app.cli import _settings, build_parser
+
+    assert load_settings(env={}).engine.async_scheduling is True
+    off = load_settings(env={"SPLITFUSE_ASYNC_SCHEDULING": "false"})
+    assert off.engine.async_scheduling is False
+    flag = build_parser().parse_args(["serve", "--no-async-scheduling"])
+    assert _settings(flag).engine.async_scheduling is False

@@ -30,6 +30,7 @@ class EngineConfig:
     max_prefill_token_num: int = 8192
     enable_prefix_caching: bool = True
     eager_mode: bool = False
+    async_scheduling: bool = True
     session_ttl: float = 600.0
     max_sessions: int = 4096
     max_logprobs: int = 20

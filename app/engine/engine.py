@@ -324,7 +324,9 @@ class AsyncEngine:
                 if current.allowed is not None:  # the sampler needs it after the forward pass
                     self._fill_masks(current.masks, current.allowed)
                 ahead_marks = {"t": time.perf_counter()} if self._trace is not None else None
-                nxt = self.scheduler.schedule_ahead(current.out)
+                nxt = None
+                if self.config.async_scheduling:
+                    nxt = self.scheduler.schedule_ahead(current.out)
                 if nxt is not None:
                     ahead = self._submit(loop, nxt, ahead_marks)
                 if pending:
