@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument(
+        "--no-async-scheduling", action="store_true", help="schedule each step after the last"
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -112,7 +115,13 @@ def main() -> None:
 
     model_dir = build_model_dir(args.model, args.model_config)
     engine = AsyncEngine(
-        str(model_dir), EngineConfig(dtype=args.dtype, max_batch_size=8, eager_mode=args.eager)
+        str(model_dir),
+        EngineConfig(
+            dtype=args.dtype,
+            max_batch_size=8,
+            eager_mode=args.eager,
+            async_scheduling=not args.no_async_scheduling,
+        ),
     )
     device, dtype = engine.info.device, engine.info.dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())

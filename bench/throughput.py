@@ -118,6 +118,7 @@ def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) 
         max_batch_size=args.max_batch_size,
         max_prefill_token_num=args.max_prefill_token_num,
         eager_mode=args.eager,
+        async_scheduling=not args.no_async_scheduling,
     )
     with pipeline(str(model_dir), backend_config=config) as pipe:
         warm = GenerationConfig(max_new_tokens=4, top_k=1, ignore_eos=True)
@@ -205,6 +206,9 @@ def main() -> None:
     parser.add_argument("--max-prefill-token-num", type=int, default=8192)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument(
+        "--no-async-scheduling", action="store_true", help="schedule each step after the last"
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
         "--hf-num-prompts",

@@ -342,8 +342,8 @@ class AsyncEngine:
                 step = await current.running
                 if marks is not None:
                     marks["result"] = time.perf_counter()
-                if ahead is not None:  # the GPU thread starts it now: let it launch first
-                    await self._launched(ahead)
+                if ahead is not None and self.runner.device.type == "cuda":
+                    await self._launched(ahead)  # the GPU thread starts it now: launch first
             except Exception as exc:
                 ids = sorted({item.seq.request_id for item in current.out.scheduled})
                 log.exception("engine step failed", extra={"request_ids": ids})
