@@ -19,13 +19,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from app.engine.block_manager import BlockManager
 from app.engine.builder import build
 from app.engine.config import EngineConfig, SamplingParams
+from app.engine.constraints import accept_token, fill_masks, grammar_rows
 from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.handoff import InFlight, Launch, wait_launched
 from app.engine.outputs import RequestOutput, RequestState, SampleState, TokenLogprob
 from app.engine.scheduler import Scheduler, SequenceUpdate, StepOutput
 from app.engine.sequence import FinishReason, Sequence
@@ -72,6 +73,8 @@ class AsyncEngine:
         self.last_error: str | None = None
         self.last_progress = time.monotonic()
         self._trace = StepTrace.from_env()
+        # Launching on the CPU is computing: the loop blocks for launches on CUDA only.
+        self._block_for_launch = self.runner.device.type == "cuda"
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
@@ -291,7 +294,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         pending: list[SequenceUpdate] = []  # sampled last step, not yet turned into text
-        ahead: _InFlight | None = None  # the next step, already submitted
+        ahead: InFlight | None = None  # the next step, already submitted
         while True:
             if ahead is not None:
                 current, ahead = ahead, None
@@ -320,9 +323,9 @@ class AsyncEngine:
                 current = self._submit(loop, out, marks)
             marks = current.marks
             try:
-                await self._launched(current)
+                await wait_launched(current, self._block_for_launch)
                 if current.allowed is not None:  # the sampler needs it after the forward pass
-                    self._fill_masks(current.masks, current.allowed)
+                    fill_masks(current.masks, current.allowed, self.info.vocab_size)
                 ahead_marks = {"t": time.perf_counter()} if self._trace is not None else None
                 nxt = None
                 if self.config.async_scheduling:
@@ -342,8 +345,8 @@ class AsyncEngine:
                 step = await current.running
                 if marks is not None:
                     marks["result"] = time.perf_counter()
-                if ahead is not None and self.runner.device.type == "cuda":
-                    await self._launched(ahead)  # the GPU thread starts it now: launch first
+                if ahead is not None and self._block_for_launch:
+                    await wait_launched(ahead, True)  # the GPU thread starts it now: launch first
             except Exception as exc:
                 ids = sorted({item.seq.request_id for item in current.out.scheduled})
                 log.exception("engine step failed", extra={"request_ids": ids})
@@ -359,113 +362,36 @@ class AsyncEngine:
             self.last_progress = time.monotonic()
             pending = self.scheduler.update(current.out, step)
             for update in pending:  # before the next step's grammar masks are filled
-                self._accept_grammar(update.seq, update.token_id)
-            if marks is not None:
-                self._trace_step(current, marks)
+                accept_token(self.scheduler, update.seq, update.token_id)
+            if self._trace is not None and marks is not None:
+                waiting = len(self.scheduler.waiting)
+                self._trace.step(current.out, marks, current.timing, waiting, len(self._requests))
 
     def _submit(
         self, loop: asyncio.AbstractEventLoop, out: Any, marks: dict[str, float] | None
-    ) -> _InFlight:
+    ) -> InFlight:
         """Hand a step to the GPU thread (behind any step it is running)."""
         if marks is not None:
             marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
             marks["submit"] = time.perf_counter()
-        masks = self._grammar_rows(out)
+        masks = grammar_rows(out)
         allowed: Future[Any] | None = Future() if masks else None
-        launch = _Launch(loop)
+        launch = Launch(loop)
         timing: dict[str, Any] | None = {} if marks is not None else None
         running = loop.run_in_executor(self._executor, self._execute, out, allowed, launch, timing)
-        return _InFlight(out, running, launch, masks, allowed, marks, timing)
-
-    async def _launched(self, step: _InFlight) -> None:
-        """Return once `step` is on the device's queue.
-
-        The GPU thread's Python (inputs, kernel launches) must not queue for the GIL behind the
-        loop's work (detokenization, HTTP): the device would sit idle meanwhile. So the loop
-        holds still until the launch (a graph replay well under a millisecond, an eager step a
-        few), waiting longer only asynchronously (a kernel compiling, or a step queued behind
-        another). On the CPU, launching is computing."""
-        wait = _LAUNCH_WAIT_S if self.runner.device.type == "cuda" else 0.0
-        if not step.launch.event.wait(wait):
-            first = asyncio.FIRST_COMPLETED
-            await asyncio.wait((step.launch.future, step.running), return_when=first)
-
-    def _trace_step(self, step: _InFlight, marks: dict[str, float]) -> None:
-        """One trace line: the loop's times (schedule start `t`, `submit`, `process_start` of
-        the step before's tokens, `result` in hand, `done` updating) and the GPU thread's
-        (`start`, `launched`, `end` with the tokens on the host)."""
-        assert self._trace is not None
-        out = step.out
-        self._trace.write(
-            {
-                **marks,
-                "done": time.perf_counter(),
-                "ahead": out.ahead_rows is not None,
-                "seqs": len(out.scheduled),
-                "tokens": sum(item.num_new_tokens for item in out.scheduled),
-                "decodes": sum(item.num_new_tokens == 1 for item in out.scheduled),
-                "waiting": len(self.scheduler.waiting),
-                "requests": len(self._requests),
-                **(step.timing or {}),
-            }
-        )
+        return InFlight(out, running, launch, masks, allowed, marks, timing)
 
     def _execute(
         self,
         out: Any,
         allowed: Future[Any] | None,
-        launch: _Launch,
+        launch: Launch,
         timing: dict[str, Any] | None,
     ) -> StepOutput:  # the GPU thread
         try:
             return self.runner.execute(out, allowed, launch.set, timing)
         finally:
             launch.set()  # a step that failed before launching must not hold the loop
-
-    def _grammar_rows(self, out: Any) -> list[Sequence | None]:
-        """Each sampling row's constrained sequence (None where unconstrained now), or [] if
-        no row is constrained."""
-        rows = [
-            item.seq if item.seq.grammar is not None and item.seq.grammar_gate is None else None
-            for item in out.scheduled
-            if item.sample
-        ]
-        return rows if any(seq is not None for seq in rows) else []
-
-    def _fill_masks(self, rows: list[Sequence | None], allowed: Future[Any]) -> None:
-        from app.engine.grammar import allocate_bitmask, bitmask_to_bool
-
-        try:
-            bitmask = allocate_bitmask(len(rows), self.info.vocab_size)
-            for row, seq in enumerate(rows):
-                if seq is not None:
-                    seq.grammar.fill_bitmask(bitmask, row)
-            mask = bitmask_to_bool(bitmask, self.info.vocab_size)
-            for row, seq in enumerate(rows):
-                if seq is not None and seq.reasoning_open is not None:
-                    mask[row, seq.reasoning_open[0]] = True
-            allowed.set_result(mask)
-        except Exception as exc:
-            allowed.set_exception(exc)
-
-    def _accept_grammar(self, seq: Sequence, token_id: int) -> None:
-        if seq.grammar is None or seq.is_finished:
-            return
-        if seq.reasoning_open is not None:  # the first token: does the model open a section?
-            opener, closing = seq.reasoning_open
-            seq.reasoning_open = None
-            if token_id == opener:
-                seq.grammar_gate = closing
-                return
-        gate = seq.grammar_gate
-        if gate is not None:  # still reasoning: the grammar starts after the closing tag
-            if tuple(seq.output_ids[-len(gate) :]) == gate:
-                seq.grammar_gate = None
-            return
-        if not seq.grammar.accept_token(token_id):
-            self.scheduler.finish(seq, FinishReason.ERROR, "the grammar rejected a token")
-        elif seq.grammar.is_terminated():
-            self.scheduler.finish(seq, FinishReason.STOP)
 
     def _process(self, updates: list[SequenceUpdate]) -> None:
         """Turn sampled tokens into text (stop strings end sequences here) and hand them out."""
@@ -544,40 +470,3 @@ class AsyncEngine:
             "generation_tokens": sched.stats.generation_tokens,
             "num_sessions": len(sched.sessions),
         }
-
-
-_LAUNCH_WAIT_S = 0.05
-
-
-@dataclass
-class _InFlight:
-    """A step handed to the GPU thread, with what the loop needs when its result comes."""
-
-    out: Any
-    running: asyncio.Future[StepOutput]
-    launch: _Launch
-    masks: list[Sequence | None]
-    allowed: Future[Any] | None
-    marks: dict[str, float] | None
-    timing: dict[str, Any] | None
-
-
-class _Launch:
-    """Set by the GPU thread once a step is on the device's queue: an event the loop can block
-    on and a future it can await."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.event = threading.Event()
-        self.future: asyncio.Future[None] = loop.create_future()
-        self._loop = loop
-
-    def set(self) -> None:
-        if self.event.is_set():
-            return
-        self.event.set()
-        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
-            self._loop.call_soon_threadsafe(self._resolve)
-
-    def _resolve(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)

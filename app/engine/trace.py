@@ -9,6 +9,8 @@ import os
 import time
 from typing import Any
 
+from app.engine.scheduler import SchedulerOutput
+
 TRACE_ENV = "SPLITFUSE_STEP_TRACE"
 
 
@@ -27,6 +29,31 @@ class StepTrace:
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def step(
+        self,
+        out: SchedulerOutput,
+        marks: dict[str, float],
+        timing: dict[str, Any] | None,
+        waiting: int,
+        requests: int,
+    ) -> None:
+        """One step's line: the loop's times (schedule start `t`, `submit`, `process_start` of
+        the step before's tokens, `result` in hand, `done` updating), the GPU thread's
+        `timing` (`start`, `launched`, `end` with the tokens on the host) and the batch."""
+        self.write(
+            {
+                **marks,
+                "done": time.perf_counter(),
+                "ahead": out.ahead_rows is not None,
+                "seqs": len(out.scheduled),
+                "tokens": sum(item.num_new_tokens for item in out.scheduled),
+                "decodes": sum(item.num_new_tokens == 1 for item in out.scheduled),
+                "waiting": waiting,
+                "requests": requests,
+                **(timing or {}),
+            }
+        )
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":

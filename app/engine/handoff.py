@@ -1,0 +1,64 @@
+"""Steps handed from the engine loop to the GPU thread: what is in flight, and the launch signal
+the loop waits on before it does its own work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from app.engine.scheduler import SchedulerOutput, StepOutput
+from app.engine.sequence import Sequence
+
+# How long the loop blocks for a launch before it waits asynchronously instead.
+LAUNCH_WAIT_S = 0.05
+
+
+class Launch:
+    """Set by the GPU thread once a step is on the device's queue: an event the loop can block
+    on and a future it can await."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.event = threading.Event()
+        self.future: asyncio.Future[None] = loop.create_future()
+        self._loop = loop
+
+    def set(self) -> None:
+        if self.event.is_set():
+            return
+        self.event.set()
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
+            self._loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+@dataclass
+class InFlight:
+    """A step handed to the GPU thread, with what the loop needs when its result comes."""
+
+    out: SchedulerOutput
+    running: asyncio.Future[StepOutput]
+    launch: Launch
+    masks: list[Sequence | None]
+    allowed: Future[Any] | None
+    marks: dict[str, float] | None
+    timing: dict[str, Any] | None
+
+
+async def wait_launched(step: InFlight, block: bool) -> None:
+    """Return once `step` is on the device's queue.
+
+    The GPU thread's Python (inputs, kernel launches) must not queue for the GIL behind the
+    loop's work (detokenization, HTTP): the device would sit idle meanwhile. So with `block`
+    the loop holds still until the launch (a graph replay well under a millisecond, an eager
+    step a few), waiting longer only asynchronously (a kernel compiling, or a step queued behind
+    another). Without it (the CPU, where launching is computing) it only waits asynchronously."""
+    if not step.launch.event.wait(LAUNCH_WAIT_S if block else 0.0):
+        first = asyncio.FIRST_COMPLETED
+        await asyncio.wait((step.launch.future, step.running), return_when=first)
