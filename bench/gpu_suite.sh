@@ -36,7 +36,7 @@ case "${1:-quick}" in
     model=$(python -c "from bench.common import build_model_dir; print(build_model_dir(None, 'llama-3.1-8b'))" 2>/dev/null | tail -1)
     # Every engine step's timing goes to a trace, summarized after the runs.
     SPLITFUSE_STEP_TRACE="$out/steps.jsonl" python -m app.cli serve "$model" --dtype bfloat16 \
-      --max-batch-size 256 --host 127.0.0.1 --port 23333 --log-level warning > "$out/serve.log" 2>&1 &
+      --host 127.0.0.1 --port 23333 --log-level warning > "$out/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 300); do curl -sf http://127.0.0.1:23333/health >/dev/null && break; sleep 1; done
     for rate in ${RATES:-16 32}; do

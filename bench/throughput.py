@@ -35,6 +35,7 @@ class Result:
     input_tokens: int
     output_tokens: int
     seconds: float
+    max_batch: int | None = None  # the engine's batch cap (transformers: its static batch)
 
     @property
     def output_tok_s(self) -> float:
@@ -52,7 +53,7 @@ class Result:
         return (
             f"{self.engine:<14} {self.requests:>6} {self.input_tokens:>9} "
             f"{self.output_tokens:>9} {self.seconds:>9.2f} {self.output_tok_s:>11.1f} "
-            f"{self.total_tok_s:>11.1f} {self.req_s:>8.2f}"
+            f"{self.total_tok_s:>11.1f} {self.req_s:>8.2f} {self.max_batch or '':>9}"
         )
 
 
@@ -135,11 +136,13 @@ def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) 
         seconds = time.perf_counter() - start
         if gaps is not None:
             gaps.report()
+        max_batch = pipe.engine.config.max_batch_size
     produced = sum(o.generate_token_len for o in outputs)
     expected = sum(n for _, n in requests)
     if produced != expected:
         raise SystemExit(f"splitfuse produced {produced} tokens, expected {expected}")
-    return Result("splitfuse", len(requests), sum(len(i) for i, _ in requests), produced, seconds)
+    num_in = sum(len(i) for i, _ in requests)
+    return Result("splitfuse", len(requests), num_in, produced, seconds, max_batch)
 
 
 def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], args) -> Result:
@@ -179,9 +182,8 @@ def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], arg
         produced += sum(min(n, out.shape[1] - width) for _, n in batch)
     _sync()
     seconds = time.perf_counter() - start
-    return Result(
-        "transformers", len(requests), sum(len(i) for i, _ in requests), produced, seconds
-    )
+    num_in = sum(len(i) for i, _ in requests)
+    return Result("transformers", len(requests), num_in, produced, seconds, args.hf_batch_size)
 
 
 def _sync() -> None:
@@ -202,7 +204,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--max-batch-size", type=int, default=0, help="0 (default): the engine's for the device"
+    )
     parser.add_argument("--max-prefill-token-num", type=int, default=8192)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--eager", action="store_true")
@@ -238,7 +242,7 @@ def main() -> None:
     print(f"\n{describe_device()} | model {name} | workload {args.workload} x{num}")
     print(
         f"{'engine':<14} {'reqs':>6} {'in tok':>9} {'out tok':>9} {'seconds':>9} "
-        f"{'out tok/s':>11} {'total tok/s':>11} {'req/s':>8}"
+        f"{'out tok/s':>11} {'total tok/s':>11} {'req/s':>8} {'max batch':>9}"
     )
     for result in results:
         print(result.row())

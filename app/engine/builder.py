@@ -38,6 +38,7 @@ class ModelInfo:
     vocab_size: int
     max_model_len: int
     num_blocks: int
+    max_batch_size: int
     device: torch.device
     dtype: torch.dtype
 
@@ -52,6 +53,21 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
     return resolved
+
+
+# Default batch caps by GPU name (substring, lower case): large-memory, high-bandwidth parts run
+# big batches, where weight reads are shared by more tokens and the GEMMs use the whole chip.
+_BATCH_BY_DEVICE = {"h100": 512, "h200": 512, "h800": 512, "h20": 512, "a100": 256, "a800": 256}
+
+
+def default_max_batch_size(device: torch.device) -> int:
+    """The batch cap when the config leaves it to the device (max_batch_size = 0)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key, size in _BATCH_BY_DEVICE.items():
+            if key in name:
+                return size
+    return 128
 
 
 def eos_token_ids(model_dir: Path, hf_config: Any, tokenizer: Any) -> tuple[int, ...]:
@@ -150,6 +166,8 @@ def num_kv_blocks(
 def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelInfo, ModelRunner]:
     """Load everything; call on the engine's GPU thread so it owns the device context."""
     device = resolve_device(config.device)
+    if not config.max_batch_size:
+        config = config.replace(max_batch_size=default_max_batch_size(device))
     model_dir = resolve_model_dir(model)
     hf_config = load_hf_config(model_dir, trust_remote_code=config.trust_remote_code)
     get_model_class(hf_config)  # an unsupported architecture fails before the slow parts
@@ -170,7 +188,7 @@ def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelI
             config.max_batch_size, max_model_len, config.max_prefill_token_num
         )
     log.info(
-        "model %s on %s (%s): %d KV blocks of %d tokens (%d tokens), context %d",
+        "model %s on %s (%s): %d KV blocks of %d tokens (%d tokens), context %d, batch %d",
         model_dir.name,
         device,
         str(dtype).removeprefix("torch."),
@@ -178,6 +196,7 @@ def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelI
         config.block_size,
         num_blocks * config.block_size,
         max_model_len,
+        config.max_batch_size,
     )
     info = ModelInfo(
         display_name(model, model_dir),
@@ -188,6 +207,7 @@ def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelI
         hf_config.vocab_size,
         max_model_len,
         num_blocks,
+        config.max_batch_size,
         device,
         dtype,
     )

@@ -22,7 +22,7 @@ class EngineConfig:
     device: str = "auto"
     tp: int = 1
     session_len: int | None = None
-    max_batch_size: int = 128
+    max_batch_size: int = 0  # 0: chosen for the device (see builder.default_max_batch_size)
     block_size: int = 64
     cache_max_entry_count: float = 0.8
     num_gpu_blocks: int = 0
@@ -53,7 +53,7 @@ class EngineConfig:
             self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
             f"block_size must be a power of two, got {self.block_size}",
         )
-        _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(self.max_batch_size >= 0, f"max_batch_size must be >= 0, got {self.max_batch_size}")
         _check(
             0.0 < self.cache_max_entry_count <= 1.0,
             f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}",

@@ -25,8 +25,12 @@ log = logging.getLogger("splitfuse.engine")
 
 
 def bucket_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 16 up to 256, 32 up to 512 and 64 beyond: past 128 rows a
+    batch pads by at most 11%, and the ladder stays short (each graph costs capture time)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size]
-    sizes += list(range(16, max_batch_size, 16))
+    sizes += range(16, min(max_batch_size, 256), 16)
+    sizes += range(256, min(max_batch_size, 512), 32)
+    sizes += range(512, max_batch_size, 64)
     return [*sizes, max_batch_size]
 
 
@@ -142,8 +146,10 @@ class DecodeGraphs:
         self._host_rows = torch.zeros((4, b), dtype=torch.int64, pin_memory=True)
         self._host_tables = torch.zeros((b, self.max_blocks), dtype=torch.int32, pin_memory=True)
         self._device_rows = torch.zeros((4, b), dtype=torch.int64, device=device)
+        # Every graph writes its logits into rows of this one buffer: outputs kept per graph
+        # would hold (sum of bucket sizes) x vocab floats, gigabytes at large batches.
+        self.logits = torch.empty((b, model.spec.vocab_size), dtype=torch.float32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -159,11 +165,11 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches, self._meta(b))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self.logits[:b])
 
     def capture(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
         for b in reversed(self.buckets):
-            self._logits[b], self._graphs[b] = _capture(lambda b=b: self._forward(b), pool, stream)
+            self._graphs[b] = _capture(lambda b=b: self._forward(b), pool, stream)[1]
         log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
     @torch.inference_mode()
@@ -194,7 +200,7 @@ class DecodeGraphs:
         if input_ids is not None:
             self.input_ids[:n].copy_(input_ids)
         self._graphs[b].replay()
-        return self._logits[b][:n]
+        return self.logits[:n]
 
 
 def mixed_buckets(max_tokens: int) -> list[int]:

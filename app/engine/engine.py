@@ -48,6 +48,7 @@ class AsyncEngine:
         self.config = config or EngineConfig()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="splitfuse-gpu")
         self.info, self.runner = self._executor.submit(build, model, self.config).result()
+        self.config = self.config.replace(max_batch_size=self.info.max_batch_size)
         self.tokenizer = self.info.tokenizer
         self.max_model_len = self.info.max_model_len
         self.block_manager = BlockManager(

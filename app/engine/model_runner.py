@@ -216,7 +216,9 @@ class ModelRunner:
                 )
         if rows:
             mask = None if allowed is None else allowed.result().to(self.device, non_blocking=True)
-            sampled = self.sampler(logits[sample_rows], rows, mask)
+            if len(sample_rows) < len(logits):  # else every row samples, in order
+                logits = logits[sample_rows]
+            sampled = self.sampler(logits, rows, mask)
             step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
             step.top_logprobs = sampled.top_logprobs
             self._last_tokens = sampled.device_ids

@@ -43,6 +43,11 @@ def idle(engine: AsyncEngine) -> bool:
     return stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
 
 
+def test_open_batch_cap_is_chosen_at_start(engine: AsyncEngine) -> None:
+    # The fixture leaves max_batch_size at 0: the device's default applies everywhere.
+    assert engine.config.max_batch_size == engine.scheduler.max_batch_size == 128
+
+
 def test_session_turns_prefill_only_new_tokens(engine: AsyncEngine) -> None:
     params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from app.engine.config import SamplingParams
-from app.engine.cuda_graphs import stage_decode_rows, stage_mixed_rows
+from app.engine.cuda_graphs import bucket_sizes, stage_decode_rows, stage_mixed_rows
 from app.engine.scheduler import ScheduledSequence
 from app.engine.sequence import Sequence
 from app.kernels.attention import token_layout
@@ -94,3 +94,14 @@ def test_mixed_staging_pads_with_empty_sequences_and_a_padding_owner() -> None:
     want += [prompt.block_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(16, 36)]
     want += [scratch * BLOCK + p % BLOCK for p in range(43)]
     assert cache_slots.tolist() == want
+
+
+def test_bucket_ladder_holds_every_batch_with_little_padding() -> None:
+    for cap in (1, 3, 16, 100, 256, 300, 512, 1024):
+        ladder = bucket_sizes(cap)
+        assert ladder == sorted(set(ladder)) and ladder[-1] == cap
+        for n in range(1, cap + 1):
+            bucket = next(b for b in ladder if b >= n)
+            assert n > 128 or bucket - n < 16
+            assert n <= 128 or (bucket - n) / bucket <= 0.11, (cap, n, bucket)
+    assert len(bucket_sizes(1024)) == 36

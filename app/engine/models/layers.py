@@ -359,10 +359,12 @@ class DecoderForCausalLM(nn.Module):
         assert residual is not None  # every model has layers
         return self.model.norm.add_and_norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits `[N, vocab]` for the selected hidden rows."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits `[N, vocab]` for the selected hidden rows, written into `out` when
+        given (the float32 conversion is a copy either way)."""
         head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        return F.linear(hidden, head).float()
+        logits = F.linear(hidden, head)
+        return logits.float() if out is None else out.copy_(logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (and cast) checkpoint tensors into the parameters; every parameter must be
