@@ -34,6 +34,7 @@ from app.engine.models.layers import RopeConfig, RotaryEmbedding
 from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from app.kernels.attention import AttentionMetadata, paged_attention_ref, paged_attention_triton
 from app.kernels.decode_attention import paged_decode_attention
+from app.kernels.linear import gemv_triton
 from app.kernels.norm import (
     fused_add_rms_norm_ref,
     fused_add_rms_norm_triton,
@@ -59,6 +60,7 @@ class Shapes:
     decode: tuple[tuple[int, int], ...]  # (batch, context)
     prefill: tuple[tuple[str, Batch], ...]
     tokens: tuple[int, ...]  # rows for the norm / rotary / activation kernels (block multiples)
+    linears: tuple[tuple[str, int, int], ...]  # (name, out features, in features) for the GEMV
 
 
 # (batch, context): latency-bound small batches up to the bandwidth-bound 256 x 4096.
@@ -81,6 +83,13 @@ LLAMA_8B = Shapes(
         ("256 dec @384 + chunk 512", ((384, 1),) * 256 + ((512, 512),)),
     ),
     tokens=(256, 8192),
+    linears=(
+        ("qkv", 6144, 4096),
+        ("o", 4096, 4096),
+        ("gate_up", 28672, 4096),
+        ("down", 4096, 14336),
+        ("lm_head", 128256, 4096),
+    ),
 )
 TINY = Shapes(
     num_heads=4,
@@ -92,6 +101,7 @@ TINY = Shapes(
     decode=((1, 300), (3, 100)),  # the first takes two splits
     prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))),),
     tokens=(32,),
+    linears=(("proj", 40, 64), ("wide", 96, 1100)),
 )
 
 
@@ -320,6 +330,15 @@ class Bench:
             3 * tokens * size * elem, "GB/s",
         )  # fmt: skip
 
+    def gemv(self, name: str, n: int, k: int) -> None:
+        x, w, out_elem = self.randn(1, k), self.randn(n, k) / k**0.5, self.dtype.itemsize
+        self.record(
+            "gemv (1 row)", f"{name} {n} x {k}",
+            lambda: [gemv_triton(x, w)],
+            lambda: [torch.nn.functional.linear(x, w)],  # cuBLAS: the time to beat
+            (n * k + k + n) * out_elem, "GB/s",
+        )  # fmt: skip
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -341,6 +360,8 @@ def main() -> None:
         bench.rotary(tokens)
         bench.norms(tokens)
         bench.silu(tokens)
+    for name, n, k in shapes.linears:
+        bench.gemv(name, n, k)
     print(f"\n{HEADER}")
     for row in bench.rows:
         print(row.line())

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from app.kernels.activation import silu_and_mul
 from app.kernels.attention import AttentionMetadata, paged_attention
+from app.kernels.linear import linear
 from app.kernels.norm import fused_add_rms_norm, rms_norm
 from app.kernels.rotary import rotary_and_cache
 
@@ -47,7 +48,7 @@ class Linear(nn.Module):
         self.bias = _empty((offset,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -363,7 +364,7 @@ class DecoderForCausalLM(nn.Module):
         """Float32 logits `[N, vocab]` for the selected hidden rows, written into `out` when
         given (the float32 conversion is a copy either way)."""
         head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        logits = F.linear(hidden, head)
+        logits = linear(hidden, head)
         return logits.float() if out is None else out.copy_(logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,0 +1,63 @@
+"""Linear layers' `y = x W^T + b`: cuBLAS, except a single-row input (batch-1 decode) on CUDA,
+which a Triton GEMV streams through at the copy bandwidth without cuBLAS's split-K reduction
+launches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BLOCK_K = 1024
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` for `[M, K] x [N, K]`; one-row CUDA inputs go through `gemv_triton`."""
+    if x.is_cuda and x.shape[0] == 1:
+        return gemv_triton(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Each program owns BLOCK_N output features and reads their weight rows end to end.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + cols
+        k_ok = k < K
+        w = tl.load(w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x W^T + b` for a one-row `x` `[1, K]` and a row-major `W` `[N, K]`, float32 accumulation."""
+    n, k = weight.shape
+    if x.shape != (1, k):
+        raise ValueError(f"gemv_triton takes x of shape (1, {k}), got {tuple(x.shape)}")
+    x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    # Measured on an H100 at Llama-3.1-8B shapes: narrow matrices want more rows per program
+    # and no pipelining, wide ones fewer rows and three stages.
+    block_n, stages = (8, 1) if n <= 8192 else (4, 3)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else y, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=4,
+        num_stages=stages,
+    )  # fmt: skip
+    return y
