@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,18 +56,19 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-# Default batch caps by GPU name (substring, lower case): large-memory, high-bandwidth parts run
-# big batches, where weight reads are shared by more tokens and the GEMMs use the whole chip.
-_BATCH_BY_DEVICE = {"h100": 512, "h200": 512, "h800": 512, "h20": 512, "a100": 256, "a800": 256}
+# Default batch caps by a word of the GPU's name: large-memory, high-bandwidth parts run big
+# batches, where weight reads are shared by more tokens and the GEMMs use the whole chip.
+_BATCH_BY_DEVICE = {"h100": 512, "h200": 512, "gh200": 512, "h800": 512, "h20": 512}
+_BATCH_BY_DEVICE |= {"a100": 256, "a800": 256}
 
 
 def default_max_batch_size(device: torch.device) -> int:
     """The batch cap when the config leaves it to the device (max_batch_size = 0)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key, size in _BATCH_BY_DEVICE.items():
-            if key in name:
-                return size
+        words = re.split(r"[^a-z0-9]+", torch.cuda.get_device_name(device).lower())
+        for word in words:
+            if word in _BATCH_BY_DEVICE:
+                return _BATCH_BY_DEVICE[word]
     return 128
 
 

@@ -1,6 +1,5 @@
 """Linear layers' `y = x W^T + b`: cuBLAS, except a single-row input (batch-1 decode) on CUDA,
-which a Triton GEMV streams through at the copy bandwidth without cuBLAS's split-K reduction
-launches."""
+which a Triton GEMV streams through in one launch (cuBLAS adds split-K reduction launches)."""
 
 from __future__ import annotations
 

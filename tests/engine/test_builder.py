@@ -16,6 +16,7 @@ from app.engine.config import EngineConfig
         ("NVIDIA H200", 512),
         ("NVIDIA A100-SXM4-80GB", 256),
         ("NVIDIA GeForce RTX 4090", 128),
+        ("NVIDIA RTX A1000 Laptop GPU", 128),  # a word of the name, not a substring
     ],
 )
 def test_batch_cap_by_gpu_name(monkeypatch: pytest.MonkeyPatch, name: str, expected: int) -> None:
