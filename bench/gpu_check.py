@@ -3,7 +3,8 @@
     python bench/gpu_check.py            # random small Llama/Qwen2 models, fp32 and bf16
 
 For each model: transformers' greedy continuation of several prompts (one at a time) against
-splitfuse's in one batch, with chunked prefill, the prefix cache and CUDA graphs (and eager).
+splitfuse's in one batch, with chunked prefill, the prefix cache and CUDA graphs (and eager),
+and one prompt at a time (batch-1 decodes: the smallest graph, the one-row linears).
 Reported as the share of matching tokens; Triton's fp32 dots use TF32, so fp32 may drift late in
 a sequence. Exits 1 if fp32 matches less than 90%.
 """
@@ -73,7 +74,13 @@ def reference(model_dir: Path, prompts: list[list[int]], new: int, dtype: torch.
 
 
 def ours(
-    model_dir: Path, prompts: list[list[int]], new: int, dtype: str, eager: bool, budget: int
+    model_dir: Path,
+    prompts: list[list[int]],
+    new: int,
+    dtype: str,
+    eager: bool,
+    budget: int,
+    one_at_a_time: bool = False,
 ) -> tuple[list, dict]:
     from app import EngineConfig, GenerationConfig, pipeline
 
@@ -86,8 +93,12 @@ def ours(
     )
     with pipeline(str(model_dir), backend_config=config) as pipe:
         gen = GenerationConfig(max_new_tokens=new, top_k=1, ignore_eos=True)
-        first = pipe(prompts, gen_config=gen)
-        again = pipe(prompts, gen_config=gen)  # prefix-cache hits this time
+        if one_at_a_time:  # batch-1 decodes: the bucket-1 graph and the one-row linears
+            first = [pipe([ids], gen_config=gen)[0] for ids in prompts]
+            again = [pipe([ids], gen_config=gen)[0] for ids in prompts]
+        else:
+            first = pipe(prompts, gen_config=gen)
+            again = pipe(prompts, gen_config=gen)  # prefix-cache hits this time
         stats = pipe.engine.stats()
     stats["same_with_prefix_cache"] = [r.token_ids for r in first] == [r.token_ids for r in again]
     return [r.token_ids for r in first], stats
@@ -104,8 +115,9 @@ def main() -> None:
             ref32 = reference(model_dir, prompts, new, torch.float32)
             ref16 = reference(model_dir, prompts, new, torch.bfloat16)
             for dtype, ref in (("float32", ref32), ("bfloat16", ref16)):
-                for eager, budget in ((False, 8192), (True, 256), (False, 64)):
-                    got, stats = ours(model_dir, prompts, new, dtype, eager, budget)
+                modes = ((False, 8192, False), (True, 256, False), (False, 64, False))
+                for eager, budget, alone in (*modes, (False, 8192, True)):
+                    got, stats = ours(model_dir, prompts, new, dtype, eager, budget, alone)
                     same = sum(
                         a == b
                         for g, r in zip(got, ref, strict=True)
@@ -114,6 +126,7 @@ def main() -> None:
                     exact = got == ref
                     share = same / (new * len(prompts))
                     label = f"{kind} {dtype} {'eager' if eager else 'graphs'} budget {budget}"
+                    label += " batch 1" if alone else ""
                     bad = dtype == "float32" and share < 0.9
                     status = "ok" if exact else ("FAIL" if bad else "differs")
                     print(
