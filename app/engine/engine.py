@@ -26,7 +26,7 @@ from app.engine.builder import build
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.constraints import accept_token, fill_masks, grammar_rows
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.handoff import InFlight, Launch, wait_launched
+from app.engine.handoff import Gate, InFlight, Launch, wait_launched
 from app.engine.outputs import RequestOutput, RequestState, SampleState, TokenLogprob
 from app.engine.scheduler import Scheduler, SequenceUpdate, StepOutput
 from app.engine.sequence import FinishReason, Sequence
@@ -74,6 +74,7 @@ class AsyncEngine:
         self.last_error: str | None = None
         self.last_progress = time.monotonic()
         self._trace = StepTrace.from_env()
+        self._queued: InFlight | None = None  # a step scheduled ahead, not yet counted on
         # Launching on the CPU is computing: the loop blocks for launches on CUDA only.
         self._block_for_launch = self.runner.device.type == "cuda"
 
@@ -254,7 +255,17 @@ class AsyncEngine:
         self.scheduler.add(seqs)
         assert self._wake is not None
         self._wake.set()
+        self._withdraw_ahead()
         return state
+
+    def _withdraw_ahead(self) -> None:
+        """A request that arrives while a step waits, scheduled ahead, behind the running one:
+        take that step back if the GPU thread has not started it, so that the request joins the
+        next step instead of the one after (one step less to its first token)."""
+        step = self._queued
+        if step is not None and self.scheduler.could_admit and step.gate.withdraw():
+            self.scheduler.withdraw_ahead(step.out)
+            self._queued = None
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now: its blocks return to the pool, its stream ends with `abort`."""
@@ -332,7 +343,7 @@ class AsyncEngine:
                 if self.config.async_scheduling:
                     nxt = self.scheduler.schedule_ahead(current.out)
                 if nxt is not None:
-                    ahead = self._submit(loop, nxt, ahead_marks)
+                    ahead = self._queued = self._submit(loop, nxt, ahead_marks)
                 if pending:
                     # A sequence this finishes (a stop string) may be in the steps now running:
                     # its blocks are not reused before they end, and its extra tokens are
@@ -346,11 +357,15 @@ class AsyncEngine:
                 step = await current.running
                 if marks is not None:
                     marks["result"] = time.perf_counter()
+                self._queued = None  # from here on the loop counts on it: no more withdrawing
+                if ahead is not None and ahead.gate.withdrawn:
+                    ahead = None
                 if ahead is not None and self._block_for_launch:
                     await wait_launched(ahead, True)  # the GPU thread starts it now: launch first
             except Exception as exc:
                 ids = sorted({item.seq.request_id for item in current.out.scheduled})
                 log.exception("engine step failed", extra={"request_ids": ids})
+                self._queued = None
                 if ahead is not None:  # its sequences fail with the rest
                     with contextlib.suppress(Exception):
                         await ahead.running
@@ -379,8 +394,11 @@ class AsyncEngine:
         allowed: Future[Any] | None = Future() if masks else None
         launch = Launch(loop)
         timing: dict[str, Any] | None = {} if marks is not None else None
-        running = loop.run_in_executor(self._executor, self._execute, out, allowed, launch, timing)
-        return InFlight(out, running, launch, masks, allowed, marks, timing)
+        gate = Gate()
+        running = loop.run_in_executor(
+            self._executor, self._execute, out, allowed, launch, timing, gate
+        )
+        return InFlight(out, running, launch, masks, allowed, marks, timing, gate)
 
     def _execute(
         self,
@@ -388,8 +406,11 @@ class AsyncEngine:
         allowed: Future[Any] | None,
         launch: Launch,
         timing: dict[str, Any] | None,
+        gate: Gate,
     ) -> StepOutput:  # the GPU thread
         try:
+            if not gate.start():
+                return StepOutput()  # withdrawn: the loop never reads this
             return self.runner.execute(out, allowed, launch.set, timing)
         finally:
             launch.set()  # a step that failed before launching must not hold the loop

@@ -38,6 +38,33 @@ class Launch:
             self.future.set_result(None)
 
 
+class Gate:
+    """Decides once whether a queued step runs: the GPU thread `start`s it, or the loop
+    `withdraw`s it before that (a request arrived that the step should have admitted)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: str | None = None
+
+    def _claim(self, state: str) -> bool:
+        with self._lock:
+            if self._state is None:
+                self._state = state
+            return self._state == state
+
+    def start(self) -> bool:
+        """The GPU thread: True if the step runs, False if it was withdrawn first."""
+        return self._claim("started")
+
+    def withdraw(self) -> bool:
+        """The loop: True if the step will not run, False if it has started already."""
+        return self._claim("withdrawn")
+
+    @property
+    def withdrawn(self) -> bool:
+        return self._state == "withdrawn"
+
+
 @dataclass
 class InFlight:
     """A step handed to the GPU thread, with what the loop needs when its result comes."""
@@ -49,6 +76,7 @@ class InFlight:
     allowed: Future[Any] | None
     marks: dict[str, float] | None
     timing: dict[str, Any] | None
+    gate: Gate
 
 
 async def wait_launched(step: InFlight, block: bool) -> None:

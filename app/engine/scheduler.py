@@ -221,11 +221,7 @@ class Scheduler:
         sequence that `out` ends by length is left out; one that `out` ends otherwise (eos, a
         stop) computes one token too many, which `update` drops."""
         items = out.scheduled
-        if (
-            not items
-            or len(items) != len(self.running)
-            or (self.waiting and len(self.running) < self.max_batch_size)
-        ):
+        if not items or len(items) != len(self.running) or self.could_admit:
             return None
         rows: list[int] = []
         for row, item in enumerate(items):
@@ -259,6 +255,17 @@ class Scheduler:
                 )
             )
         return ahead
+
+    def withdraw_ahead(self, ahead: SchedulerOutput) -> None:
+        """Forget a step from `schedule_ahead` that will not run: the sequences it would have
+        released are released by the next step instead. The blocks it allocated stay with their
+        sequences, which fill them in the next steps."""
+        self._released[:0] = ahead.released_seq_ids
+
+    @property
+    def could_admit(self) -> bool:
+        """Whether a waiting request might join the running batch now."""
+        return bool(self.waiting) and len(self.running) < self.max_batch_size
 
     def _admit_waiting(self, planned: dict[int, ScheduledSequence], budget: int) -> int:
         skipped: list[Sequence] = []

@@ -1,15 +1,18 @@
 """Steps scheduled ahead of their predecessor's tokens give exactly the tokens of the plain
-order: greedy and seeded sampling, length limits, stop tokens and sequences ending mid-batch."""
+order: greedy and seeded sampling, length limits, stop tokens and sequences ending mid-batch;
+a request that arrives takes back a queued step so that it joins the next one."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import AsyncEngine
+from app.engine.handoff import Gate
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +100,61 @@ def test_sampling_that_reads_the_history_is_not_scheduled_ahead(engine: AsyncEng
         overlapped, ahead = generate_all(engine, [(list(range(5, 25)), params)], ahead=True)
         assert overlapped == plain
         assert ahead == 0
+
+
+def test_a_request_arriving_takes_back_the_queued_step(engine: AsyncEngine) -> None:
+    """While step k runs with step k+1 queued ahead of it, a new request withdraws k+1 and is
+    prefilled in the next step rather than the one after; nobody's tokens change."""
+    long = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt_a, prompt_b = list(range(60, 90)), list(range(200, 220))
+    (alone_a, alone_b), _ = generate_all(engine, [(prompt_a, long), (prompt_b, short)], False)
+    runner, original = engine.runner, engine.runner.execute
+    steps: list[set[str]] = []
+    seen: dict[str, object] = {}
+
+    async def consume(ids: list[int], params: SamplingParams, request_id: str) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(ids, params, request_id=request_id):
+            tokens += out.token_ids
+        return tokens
+
+    async def arrive() -> None:  # on the loop, while step k is still "running"
+        seen["b"] = asyncio.create_task(consume(prompt_b, short, "b"))
+        while not any(seq.request_id == "b" for seq in engine.scheduler.waiting):
+            await asyncio.sleep(0)
+
+    def execute(out, *args):  # type: ignore[no-untyped-def]  # the GPU thread
+        result = original(out, *args)
+        steps.append({item.seq.request_id for item in out.scheduled})
+        if len(steps) == 6:  # "a" decodes alone; wait until the next step is queued ahead
+            deadline = time.monotonic() + 10
+            while engine._queued is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            seen["queued"] = engine._queued is not None
+            asyncio.run_coroutine_threadsafe(arrive(), seen["loop"]).result(10)
+        return result
+
+    async def main() -> tuple[list[int], list[int]]:
+        seen["loop"] = asyncio.get_running_loop()
+        try:
+            tokens_a = await consume(prompt_a, long, "a")
+            return tokens_a, await seen["b"]
+        finally:
+            await engine.stop()
+
+    runner.execute = execute
+    try:
+        tokens_a, tokens_b = asyncio.run(main())
+    finally:
+        runner.execute = original
+    assert seen["queued"]
+    assert steps[5] == {"a"} and "b" in steps[6]  # not only in steps[7]
+    assert (tokens_a, tokens_b) == (alone_a, alone_b)
+
+
+def test_a_queued_step_either_starts_or_is_withdrawn() -> None:
+    started = Gate()
+    assert started.start() and not started.withdraw() and not started.withdrawn
+    withdrawn = Gate()
+    assert withdrawn.withdraw() and not withdrawn.start() and withdrawn.withdrawn
