@@ -29,6 +29,9 @@ class AttentionMetadata:
     _parts: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = field(
         default=None, init=False, repr=False
     )
+    _ref_layouts: dict[tuple[int, int | None], RefLayout] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         n = 0
@@ -53,6 +56,55 @@ class AttentionMetadata:
                 ),
             )
         return self._parts
+
+
+@dataclass(frozen=True)
+class RefLayout:
+    """What the torch reference derives from a step's layout alone, the same for every layer."""
+
+    slots: torch.Tensor  # int64 [B, S]: cache slot of every (sequence, key position)
+    key_valid: torch.Tensor  # bool [B, S, 1, 1]: the position holds one of the sequence's keys
+    padded_row: torch.Tensor  # int64 [T]: row of each new token in the padded [B * Q] batch
+    mask: torch.Tensor  # bool [B, 1, Q, S]: which keys each padded query row sees
+
+
+def ref_layout(
+    meta: AttentionMetadata, block_size: int, sliding_window: int | None, device: torch.device
+) -> RefLayout:
+    """The reference's layout tensors for `meta`, made once per step (and window) and kept on
+    it: on the CPU, where the reference is the attention, they would cost a dozen small ops in
+    every layer."""
+    key = (block_size, sliding_window)
+    layout = meta._ref_layouts.get(key)
+    if layout is not None:
+        return layout
+    num_seqs = len(meta.seq_lens_cpu)
+    max_q, max_s = meta.max_query_len, meta.max_seq_len
+    # Positions past a sequence's end still index a real block (a padding entry of the table)
+    # and are masked out.
+    key_pos = torch.arange(max_s, device=device)
+    blocks = meta.block_tables[:, key_pos // block_size].long()
+    slots = blocks * block_size + key_pos % block_size
+    seq_lens = meta.seq_lens.to(device=device, dtype=torch.long)
+    key_valid = key_pos[None, :] < seq_lens[:, None]  # [B, S]
+
+    # Row of the padded [B * max_q] query batch that each flattened new token occupies.
+    query_lens = torch.tensor(meta.query_lens_cpu, device=device)
+    seq_index = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
+    starts = meta.query_start_loc[:-1].to(device=device, dtype=torch.long)
+    num_tokens = sum(meta.query_lens_cpu)
+    offset_in_seq = torch.arange(num_tokens, device=device) - starts[seq_index]
+    padded_row = seq_index * max_q + offset_in_seq
+
+    # Absolute position of each padded query row. Rows past a sequence's query length are
+    # padding: whatever they attend to is dropped by the final gather.
+    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, S]
+    if sliding_window is not None:
+        mask &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
+    layout = RefLayout(slots, key_valid[:, :, None, None], padded_row, mask[:, None, :, :])
+    meta._ref_layouts[key] = layout
+    return layout
 
 
 def token_layout(
@@ -155,56 +207,31 @@ def paged_attention_ref(
     A key at position p is visible to a query at position t when p <= t (and, with a sliding
     window w, when t - p < w).
     """
-    device = q.device
-    num_seqs = len(meta.seq_lens_cpu)
+    num_seqs, max_q = len(meta.seq_lens_cpu), meta.max_query_len
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    max_q, max_s = meta.max_query_len, meta.max_seq_len
-
-    # Cache slot of every (sequence, key position); positions past a sequence's end still index a
-    # real block (a padding entry of the table) and are masked out below.
-    key_pos = torch.arange(max_s, device=device)
-    blocks = meta.block_tables[:, key_pos // block_size].long()
-    slots = blocks * block_size + key_pos % block_size
-    seq_lens = meta.seq_lens.to(device=device, dtype=torch.long)
-    key_valid = key_pos[None, :] < seq_lens[:, None]  # [B, S]
+    layout = ref_layout(meta, block_size, sliding_window, q.device)
 
     # Stale or never-written cache rows may hold NaN/inf, which would poison a softmax even when
     # masked, so invalid keys/values are zeroed rather than only masked.
     compute_dtype = q.dtype
-    if device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         compute_dtype = torch.float32
-    valid = key_valid[:, :, None, None]
-    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].to(compute_dtype)  # [B, S, kvh, hd]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].to(compute_dtype)
-    k = torch.where(valid, k, 0.0)
-    v = torch.where(valid, v, 0.0)
-
-    # Row of the padded [B * max_q] query batch that each flattened new token occupies.
-    query_lens = torch.tensor(meta.query_lens_cpu, device=device)
-    seq_index = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
-    starts = meta.query_start_loc[:-1].to(device=device, dtype=torch.long)
-    offset_in_seq = torch.arange(q.shape[0], device=device) - starts[seq_index]
-    padded_row = seq_index * max_q + offset_in_seq
+    k = k_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)  # [B, S, kvh, hd]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)
+    k = torch.where(layout.key_valid, k, 0.0)
+    v = torch.where(layout.key_valid, v, 0.0)
 
     q_pad = q.new_zeros(num_seqs * max_q, num_heads, head_dim, dtype=compute_dtype)
-    q_pad[padded_row] = q.to(compute_dtype)
+    q_pad[layout.padded_row] = q.to(compute_dtype)
     q_pad = q_pad.view(num_seqs, max_q, num_heads, head_dim)
-
-    # Absolute position of each padded query row. Rows past a sequence's query length are
-    # padding: whatever they attend to is dropped by the final gather.
-    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, S]
-    if sliding_window is not None:
-        mask &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
-
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=mask[:, None, :, :],
+        attn_mask=layout.mask,
         scale=scale,
         enable_gqa=num_heads != num_kv_heads,
     )  # [B, H, Q, hd]
     out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
-    return out[padded_row].to(q.dtype)
+    return out[layout.padded_row].to(q.dtype)
