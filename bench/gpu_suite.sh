@@ -35,10 +35,16 @@ case "${1:-quick}" in
     # Online serving: `splitfuse serve` on the 8B shape, Poisson arrivals from bench/serving.py.
     model=$(python -c "from bench.common import build_model_dir; print(build_model_dir(None, 'llama-3.1-8b'))" 2>/dev/null | tail -1)
     # Every engine step's timing goes to a trace, summarized after the runs.
+    # SERVE_FLAGS adds server flags, e.g. SERVE_FLAGS=--no-async-scheduling for an A/B run.
+    # shellcheck disable=SC2086
     SPLITFUSE_STEP_TRACE="$out/steps.jsonl" python -m app.cli serve "$model" --dtype bfloat16 \
-      --host 127.0.0.1 --port 23333 --log-level warning > "$out/serve.log" 2>&1 &
+      --host 127.0.0.1 --port 23333 --log-level warning ${SERVE_FLAGS:-} > "$out/serve.log" 2>&1 &
     server=$!
-    for _ in $(seq 300); do curl -sf http://127.0.0.1:23333/health >/dev/null && break; sleep 1; done
+    for _ in $(seq 300); do
+      curl -sf http://127.0.0.1:23333/health >/dev/null && break
+      kill -0 "$server" 2>/dev/null || { echo "server exited:"; tail -5 "$out/serve.log"; exit 1; }
+      sleep 1
+    done
     for rate in ${RATES:-16 32}; do
       python bench/serving.py --request-rate "$rate" --num-prompts "${NUM_PROMPTS:-400}" \
         --json "$out/serving-$rate.json" 2>&1 | tail -7
