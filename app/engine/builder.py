@@ -22,6 +22,7 @@ from app.engine.loader import (
 )
 from app.engine.model_runner import ModelRunner
 from app.engine.models.registry import KVCacheSpec, get_model_class, kv_cache_spec
+from app.engine.sampler import Sampler, costliest_rows
 from app.kernels.attention import AttentionMetadata
 
 log = logging.getLogger("splitfuse.engine")
@@ -105,7 +106,8 @@ def kv_bytes_per_block(spec: KVCacheSpec, block_size: int, dtype: torch.dtype) -
 def activation_peak_bytes(
     model: Any, spec: KVCacheSpec, config: EngineConfig, dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Peak memory of the largest step: a full token budget forward plus a batch of logits.
+    """Peak memory of the largest step: a full token budget forward, then a batch of logits
+    sampled with every transform (sorting and penalties hold several `[batch, vocab]` tensors).
 
     The step is a mixed one (decodes, then one prompt), so every kernel a serving step uses is
     compiled here, before the first request, rather than while requests wait."""
@@ -139,10 +141,11 @@ def activation_peak_bytes(
     base = torch.cuda.memory_allocated(device)
     ids = torch.ones(tokens, dtype=torch.int64, device=device)
     hidden = model(ids, torch.zeros_like(ids), kv, meta)
-    model.compute_logits(hidden[: config.max_batch_size])
+    logits = model.compute_logits(hidden[: config.max_batch_size])
+    Sampler()(logits, costliest_rows(logits.shape[0], config.max_logprobs))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    del kv, hidden
+    del kv, hidden, logits
     torch.cuda.empty_cache()
     return peak
 

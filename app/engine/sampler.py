@@ -131,6 +131,24 @@ class Sampler:
         return [kept[id(row.prompt_ids)][2] for row in rows]
 
 
+def costliest_rows(n: int, max_logprobs: int) -> list[SamplingRow]:
+    """`n` rows that take every transform the sampler has (penalties, bans, top-k, top-p, min-p,
+    logprobs): the start-up profiling pass samples them to size its memory for the worst step."""
+    params = SamplingParams(
+        temperature=0.7,
+        top_p=0.9,
+        top_k=50,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        bad_token_ids=(0,),
+        logit_bias=((1, 1.0),),
+        logprobs=max_logprobs,
+    )
+    return [SamplingRow(params, [1, 2, 3], [4, 5], None, ()) for _ in range(n)]
+
+
 def _banned_ids(row: SamplingRow) -> list[int]:
     params = row.params
     banned = list(params.bad_token_ids)

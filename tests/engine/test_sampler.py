@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.engine.config import SamplingParams
-from app.engine.sampler import Sampler, SamplingRow
+from app.engine.sampler import Sampler, SamplingRow, costliest_rows
 
 EOS = (2,)
 NEG_INF = float("-inf")
@@ -294,3 +294,12 @@ def test_logprobs_come_from_raw_logits() -> None:
         values, ids = want[i].topk(k)
         assert [t for t, _ in top] == ids.tolist()
         assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_costliest_rows_sample_through_every_transform() -> None:
+    # What the start-up profiling pass samples to size memory: it must run and obey its cuts.
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    logits[:, 0] = 100.0  # banned, so never drawn however likely
+    out = Sampler()(logits, costliest_rows(3, 4))
+    assert len(out.token_ids) == 3 and 0 not in out.token_ids
+    assert all(top is not None and len(top) == 4 for top in out.top_logprobs)
