@@ -2,6 +2,9 @@
 # The GPU benchmark suite in one call: kernel checks, batch-1 latency, offline throughput.
 #   bash bench/gpu_suite.sh quick    kernels + 1B-shape and SmolLM2 figures (~8 min on an H100)
 #   bash bench/gpu_suite.sh 8b       Llama-3.1-8B-shape latency, random-256, mixed (~9 min)
+#   bash bench/gpu_suite.sh serve    serving at 16 and 32 req/s, traced (RATES, SERVE_FLAGS)
+#   bash bench/gpu_suite.sh verify   gpu_check, serving 16 req/s with and without async
+#                                    scheduling, 8B batch-1 latency (~9 min)
 # Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +14,30 @@ export PYTHONUNBUFFERED=1 SPLITFUSE_BENCH_DIR=${SPLITFUSE_BENCH_DIR:-/tmp/splitf
 export SPLITFUSE_CACHE_DIR=${SPLITFUSE_CACHE_DIR:-/tmp/splitfuse-cache}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+# `splitfuse serve` on the 8B shape with every step traced, Poisson arrivals from
+# bench/serving.py at each rate, then the trace's summary: serve OUTDIR "FLAGS" "RATES".
+serve() {
+  local dir=$1 flags=$2 rates=$3 model server
+  mkdir -p "$dir"
+  model=$(python -c "from bench.common import build_model_dir; print(build_model_dir(None, 'llama-3.1-8b'))" 2>/dev/null | tail -1)
+  # shellcheck disable=SC2086
+  SPLITFUSE_STEP_TRACE="$dir/steps.jsonl" python -m app.cli serve "$model" --dtype bfloat16 \
+    --host 127.0.0.1 --port 23333 --log-level warning $flags > "$dir/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do
+    curl -sf http://127.0.0.1:23333/health >/dev/null && break
+    kill -0 "$server" 2>/dev/null || { echo "server exited:"; tail -5 "$dir/serve.log"; return 1; }
+    sleep 1
+  done
+  echo "== serving ${flags:-(defaults)}"
+  for rate in $rates; do
+    python bench/serving.py --request-rate "$rate" --num-prompts "${NUM_PROMPTS:-400}" \
+      --json "$dir/serving-$rate.json" 2>&1 | tail -7
+  done
+  kill -TERM "$server"; wait "$server"
+  python bench/trace_report.py "$dir/steps.jsonl" --json "$dir/steps-summary.json" | grep -v " n 0 "
+}
 
 case "${1:-quick}" in
   quick)
@@ -32,24 +59,15 @@ case "${1:-quick}" in
       --hf-num-prompts 32 --hf-batch-size 32 --json "$out/tp-8b-mixed.json" 2>&1 | tail -8
     ;;
   serve)
-    # Online serving: `splitfuse serve` on the 8B shape, Poisson arrivals from bench/serving.py.
-    model=$(python -c "from bench.common import build_model_dir; print(build_model_dir(None, 'llama-3.1-8b'))" 2>/dev/null | tail -1)
-    # Every engine step's timing goes to a trace, summarized after the runs.
-    # SERVE_FLAGS adds server flags, e.g. SERVE_FLAGS=--no-async-scheduling for an A/B run.
-    # shellcheck disable=SC2086
-    SPLITFUSE_STEP_TRACE="$out/steps.jsonl" python -m app.cli serve "$model" --dtype bfloat16 \
-      --host 127.0.0.1 --port 23333 --log-level warning ${SERVE_FLAGS:-} > "$out/serve.log" 2>&1 &
-    server=$!
-    for _ in $(seq 300); do
-      curl -sf http://127.0.0.1:23333/health >/dev/null && break
-      kill -0 "$server" 2>/dev/null || { echo "server exited:"; tail -5 "$out/serve.log"; exit 1; }
-      sleep 1
-    done
-    for rate in ${RATES:-16 32}; do
-      python bench/serving.py --request-rate "$rate" --num-prompts "${NUM_PROMPTS:-400}" \
-        --json "$out/serving-$rate.json" 2>&1 | tail -7
-    done
-    kill -TERM "$server"; wait "$server"
-    python bench/trace_report.py "$out/steps.jsonl" --json "$out/steps-summary.json"
+    # Online serving on the 8B shape; SERVE_FLAGS adds server flags (e.g. --no-async-scheduling).
+    serve "$out" "${SERVE_FLAGS:-}" "${RATES:-16 32}"
+    ;;
+  verify)
+    # After GPU-side changes: correctness, serving with and without async scheduling, batch-1.
+    python bench/gpu_check.py 2>&1 | grep "tokens equal"
+    serve "$out/serve-async" "" 16
+    serve "$out/serve-plain" --no-async-scheduling 16
+    python bench/latency.py --model-config llama-3.1-8b --dtype bfloat16 --runs 3 --skip-hf \
+      --json "$out/latency-8b.json" 2>&1 | tail -4
     ;;
 esac
