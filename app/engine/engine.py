@@ -120,6 +120,7 @@ class AsyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._queued = None  # the loop that would have run it is gone
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
