@@ -64,7 +64,9 @@ def report(records: list[dict]) -> dict[str, dict[str, float]]:
     out["gap_ms"] = summary([(b["start"] - a["end"]) * 1e3 for a, b in pairs])
     out["loop_after_result_ms"] = summary([(b["t"] - a["done"]) * 1e3 for a, b in pairs])
     out["result_handoff_ms"] = summary([(r["result"] - r["end"]) * 1e3 for r in steps])
-    out["update_ms"] = summary([(r["done"] - r["result"]) * 1e3 for r in steps])
+    # After a result the loop first waits for the launch of the step queued behind it.
+    out["next_launch_wait_ms"] = summary([(r["update_start"] - r["result"]) * 1e3 for r in steps])
+    out["update_ms"] = summary([(r["done"] - r["update_start"]) * 1e3 for r in steps])
     out["schedule_ms"] = summary([r["schedule_ms"] for r in steps])
     out["submit_to_start_ms"] = summary([(r["start"] - r["submit"]) * 1e3 for r in steps])
     out["process_ms"] = summary([r["process_ms"] for r in steps if "process_ms" in r])

@@ -377,6 +377,8 @@ class AsyncEngine:
                 continue
             self.last_error = None
             self.last_progress = time.monotonic()
+            if marks is not None:
+                marks["update_start"] = time.perf_counter()
             pending = self.scheduler.update(current.out, step)
             for update in pending:  # before the next step's grammar masks are filled
                 accept_token(self.scheduler, update.seq, update.token_id)

@@ -39,7 +39,8 @@ class StepTrace:
         requests: int,
     ) -> None:
         """One step's line: the loop's times (schedule start `t`, `submit`, `process_start` of
-        the step before's tokens, `result` in hand, `done` updating), the GPU thread's
+        the step before's tokens, `result` in hand, `update_start` once the step queued behind
+        it has launched, `done` updating), the GPU thread's
         `timing` (`start`, `launched`, `end` with the tokens on the host) and the batch."""
         self.write(
             {

@@ -40,7 +40,7 @@ def test_trace_records_every_step(
     assert sum(r["decodes"] for r in steps) == 2 * 5
     for r in steps:
         assert r["t"] <= r["submit"] <= r["start"] <= r["launched"] <= r["end"] <= r["result"]
-        assert r["result"] <= r["done"]
+        assert r["result"] <= r["update_start"] <= r["done"]
         assert r["kind"] == "eager"  # no graphs on the CPU
     summary = report(records)
     assert summary["run"]["steps"] == len(steps)
