@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from app.engine.builder import default_max_batch_size
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import AsyncEngine, RequestOutput, SessionBusyError
 
@@ -45,7 +46,8 @@ def idle(engine: AsyncEngine) -> bool:
 
 def test_open_batch_cap_is_chosen_at_start(engine: AsyncEngine) -> None:
     # The fixture leaves max_batch_size at 0: the device's default applies everywhere.
-    assert engine.config.max_batch_size == engine.scheduler.max_batch_size == 128
+    chosen = default_max_batch_size(engine.runner.device)  # 128 on the CPU
+    assert engine.config.max_batch_size == engine.scheduler.max_batch_size == chosen
 
 
 def test_session_turns_prefill_only_new_tokens(engine: AsyncEngine) -> None:
