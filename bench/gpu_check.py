@@ -4,9 +4,9 @@
 
 For each model: transformers' greedy continuation of several prompts (one at a time) against
 splitfuse's in one batch, with chunked prefill, the prefix cache and CUDA graphs (and eager),
-and one prompt at a time (batch-1 decodes: the smallest graph, the one-row linears).
-Reported as the share of matching tokens; Triton's fp32 dots use TF32, so fp32 may drift late in
-a sequence. Exits 1 if fp32 matches less than 90%.
+and one prompt at a time (batch-1 decodes: the smallest graph, the one-row linears); then with an
+int8 KV cache against the same engine on the CPU. Reported as the share of matching tokens;
+exits 1 if fp32 (or int8 against the CPU) matches less than 90%.
 """
 
 from __future__ import annotations
@@ -81,11 +81,15 @@ def ours(
     eager: bool,
     budget: int,
     one_at_a_time: bool = False,
+    quant_policy: int = 0,
+    device: str = "auto",
 ) -> tuple[list, dict]:
     from app import EngineConfig, GenerationConfig, pipeline
 
     config = EngineConfig(
         dtype=dtype,
+        device=device,
+        quant_policy=quant_policy,
         eager_mode=eager,
         max_prefill_token_num=budget,
         block_size=64,
@@ -104,6 +108,11 @@ def ours(
     return [r.token_ids for r in first], stats
 
 
+def share_equal(got: list[list[int]], ref: list[list[int]]) -> float:
+    pairs = [(a, b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True)]
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
 def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in (5, 77, 130, 300, 1000)]
@@ -118,13 +127,8 @@ def main() -> None:
                 modes = ((False, 8192, False), (True, 256, False), (False, 64, False))
                 for eager, budget, alone in (*modes, (False, 8192, True)):
                     got, stats = ours(model_dir, prompts, new, dtype, eager, budget, alone)
-                    same = sum(
-                        a == b
-                        for g, r in zip(got, ref, strict=True)
-                        for a, b in zip(g, r, strict=True)
-                    )
                     exact = got == ref
-                    share = same / (new * len(prompts))
+                    share = share_equal(got, ref)
                     label = f"{kind} {dtype} {'eager' if eager else 'graphs'} budget {budget}"
                     label += " batch 1" if alone else ""
                     bad = dtype == "float32" and share < 0.9
@@ -136,6 +140,20 @@ def main() -> None:
                         flush=True,
                     )
                     failed |= bad or (dtype == "float32" and not stats["same_with_prefix_cache"])
+            # An int8 KV cache (quant_policy=8): the Triton path (graphs, chunked prefill) against
+            # the same engine on the CPU (the torch reference), which quantizes the same way.
+            for budget in (8192, 64):
+                got, _ = ours(model_dir, prompts, new, "float32", False, budget, quant_policy=8)
+                cpu, _ = ours(model_dir, prompts, new, "float32", True, budget, False, 8, "cpu")
+                share = share_equal(got, cpu)
+                bad = share < 0.9
+                print(
+                    f"{kind + ' float32 int8 KV budget ' + str(budget):<40} tokens equal: "
+                    f"{share:6.1%}  {'FAIL' if bad else 'ok'}  vs the CPU reference; "
+                    f"{share_equal(got, ref32):6.1%} vs transformers (float32 KV)",
+                    flush=True,
+                )
+                failed |= bad
     sys.exit(1 if failed else 0)
 
 

@@ -32,7 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.engine.models.layers import RopeConfig, RotaryEmbedding
 from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
-from app.kernels.attention import AttentionMetadata, paged_attention_ref, paged_attention_triton
+from app.kernels.attention import (
+    AttentionMetadata,
+    kv_bytes_per_token,
+    paged_attention_ref,
+    paged_attention_triton,
+    quantize_kv,
+)
 from app.kernels.decode_attention import paged_decode_attention
 from app.kernels.linear import gemv_triton
 from app.kernels.norm import (
@@ -215,24 +221,31 @@ class Bench:
             rows[every] = self.randn(len(every), s.num_kv_heads, s.head_dim)
         return k_cache, v_cache, self.metadata(batch, table_t)
 
-    def decode(self, batch_size: int, context: int) -> None:
+    def decode(self, batch_size: int, context: int, quant_policy: int = 0) -> None:
         s = self.s
         k_cache, v_cache, meta = self.paged(((context, 1),) * batch_size)
+        kv_scales = None
+        if quant_policy:  # int8 values and a float32 scale per token and kv head
+            (k_cache, k_scale), (v_cache, v_scale) = quantize_kv(k_cache), quantize_kv(v_cache)
+            kv_scales = (k_scale, v_scale)
         q = self.randn(batch_size, s.num_heads, s.head_dim)
         scale = s.head_dim**-0.5
         out = self.nan(*q.shape)
 
         def run() -> list[torch.Tensor]:
             tables, lens = meta.block_tables, meta.seq_lens
-            return [paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out)]
+            return [
+                paged_decode_attention(
+                    q, k_cache, v_cache, tables, lens, scale, kv_scales=kv_scales, out=out
+                )
+            ]
 
         def run_ref() -> list[torch.Tensor]:
-            return [paged_attention_ref(q, k_cache, v_cache, meta, scale)]
+            return [paged_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales=kv_scales)]
 
-        elem = q.element_size()
-        kv_bytes = batch_size * context * s.num_kv_heads * s.head_dim * 2 * elem
-        work = kv_bytes + 2 * q.numel() * elem
-        case = f"batch {batch_size} ctx {context}"
+        per_token = kv_bytes_per_token(s.num_kv_heads, s.head_dim, q.dtype, quant_policy)
+        work = batch_size * context * per_token + 2 * q.numel() * q.element_size()
+        case = f"batch {batch_size} ctx {context}" + (" int8 KV" if quant_policy else "")
         self.record("decode attn", case, run, run_ref, work, "GB/s")
 
     def prefill(self, name: str, batch: Batch) -> None:
@@ -354,6 +367,7 @@ def main() -> None:
     print(HEADER)
     for batch_size, context in shapes.decode:
         bench.decode(batch_size, context)
+        bench.decode(batch_size, context, quant_policy=8)
     for name, batch in shapes.prefill:
         bench.prefill(name, batch)
     for tokens in shapes.tokens:

@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--no-async-scheduling", action="store_true", help="schedule each step after the last"
     )
+    parser.add_argument("--quant-policy", type=int, default=0, choices=[0, 8], help="8: int8 KV")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -121,6 +122,7 @@ def main() -> None:
             max_batch_size=8,
             eager_mode=args.eager,
             async_scheduling=not args.no_async_scheduling,
+            quant_policy=args.quant_policy,
         ),
     )
     device, dtype = engine.info.device, engine.info.dtype

@@ -120,6 +120,7 @@ def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) 
         max_prefill_token_num=args.max_prefill_token_num,
         eager_mode=args.eager,
         async_scheduling=not args.no_async_scheduling,
+        quant_policy=args.quant_policy,
     )
     with pipeline(str(model_dir), backend_config=config) as pipe:
         warm = GenerationConfig(max_new_tokens=4, top_k=1, ignore_eos=True)
@@ -137,6 +138,11 @@ def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) 
         if gaps is not None:
             gaps.report()
         max_batch = pipe.engine.config.max_batch_size
+        info, stats = pipe.engine.info, pipe.engine.stats()
+        print(
+            f"splitfuse: KV pool {info.num_blocks * pipe.engine.config.block_size} tokens "
+            f"(quant_policy {args.quant_policy}), {stats['num_preemptions']} preemptions"
+        )
     produced = sum(o.generate_token_len for o in outputs)
     expected = sum(n for _, n in requests)
     if produced != expected:
@@ -213,6 +219,7 @@ def main() -> None:
     parser.add_argument(
         "--no-async-scheduling", action="store_true", help="schedule each step after the last"
     )
+    parser.add_argument("--quant-policy", type=int, default=0, choices=[0, 8], help="8: int8 KV")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
         "--hf-num-prompts",

@@ -38,6 +38,7 @@ def test_env_reports_versions() -> None:
         (["serve", "/no/such/model"], "does not exist"),
         (["serve", "--block-size", "48"], "power of two"),
         (["chat", "--dtype", "int3"], "invalid choice"),
+        (["serve", "--quant-policy", "4"], "invalid choice: 4"),
     ],
 )
 def test_bad_input_is_a_one_line_error(args: list[str], message: str) -> None:

@@ -51,6 +51,7 @@ def test_resolution_order(tmp_path) -> None:
         ({"SPLITFUSE_ENABLE_PREFIX_CACHING": "maybe"}, "enable_prefix_caching"),
         ({"SPLITFUSE_BLOCK_SIZE": "48"}, "power of two"),
         ({"SPLITFUSE_DTYPE": "int3"}, "dtype"),
+        ({"SPLITFUSE_QUANT_POLICY": "4"}, "quant_policy must be 0 .* or 8"),
     ],
 )
 def test_bad_values_are_one_line_errors(env: dict[str, str], message: str) -> None:

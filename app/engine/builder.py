@@ -23,7 +23,7 @@ from app.engine.loader import (
 from app.engine.model_runner import ModelRunner
 from app.engine.models.registry import KVCacheSpec, get_model_class, kv_cache_spec
 from app.engine.sampler import Sampler, costliest_rows
-from app.kernels.attention import AttentionMetadata
+from app.kernels.attention import AttentionMetadata, kv_bytes_per_token, new_kv_cache
 
 log = logging.getLogger("splitfuse.engine")
 
@@ -97,9 +97,11 @@ def display_name(model: str | os.PathLike | None, model_dir: Path) -> str:
     return model_dir.name
 
 
-def kv_bytes_per_block(spec: KVCacheSpec, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * element
+def kv_bytes_per_block(
+    spec: KVCacheSpec, block_size: int, dtype: torch.dtype, quant_policy: int = 0
+) -> int:
+    per_token = kv_bytes_per_token(spec.num_kv_heads, spec.head_dim, dtype, quant_policy)
+    return spec.num_layers * block_size * per_token
 
 
 @torch.inference_mode()
@@ -116,13 +118,7 @@ def activation_peak_bytes(
     prompt = tokens - decodes
     query_lens = [1] * decodes + [prompt]
     shape = (1, config.block_size, spec.num_kv_heads, spec.head_dim)
-    kv = [
-        (
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
-        )
-        for _ in range(spec.num_layers)
-    ]
+    kv = [new_kv_cache(*shape, dtype, device, config.quant_policy) for _ in range(spec.num_layers)]
     # Every position reads and writes block 0: the values are irrelevant, the shapes are not.
     width = -(-prompt // config.block_size)
     ints = {"dtype": torch.int32, "device": device}
@@ -159,7 +155,7 @@ def num_kv_blocks(
 ) -> int:
     if config.num_gpu_blocks:
         return config.num_gpu_blocks
-    per_block = kv_bytes_per_block(spec, config.block_size, dtype)
+    per_block = kv_bytes_per_block(spec, config.block_size, dtype, config.quant_policy)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         budget = max(0, free - activation_bytes) * config.cache_max_entry_count
@@ -187,19 +183,22 @@ def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelI
     context = config.session_len or getattr(hf_config, "max_position_embeddings", None) or 4096
     max_model_len = min(context, num_blocks * config.block_size)
     eos = eos_token_ids(model_dir, hf_config, tokenizer)
-    runner = ModelRunner(model_obj, spec, num_blocks, config.block_size, dtype, device, eos)
+    runner = ModelRunner(
+        model_obj, spec, num_blocks, config.block_size, dtype, device, eos, config.quant_policy
+    )
     if device.type == "cuda" and not config.eager_mode:
         runner.capture_cuda_graphs(
             config.max_batch_size, max_model_len, config.max_prefill_token_num
         )
     log.info(
-        "model %s on %s (%s): %d KV blocks of %d tokens (%d tokens), context %d, batch %d",
+        "model %s on %s (%s): %d KV blocks of %d tokens (%d tokens%s), context %d, batch %d",
         model_dir.name,
         device,
         str(dtype).removeprefix("torch."),
         num_blocks,
         config.block_size,
         num_blocks * config.block_size,
+        ", int8" if config.quant_policy else "",
         max_model_len,
         config.max_batch_size,
     )

@@ -25,6 +25,7 @@ class EngineConfig:
     max_batch_size: int = 0  # 0: chosen for the device (see builder.default_max_batch_size)
     block_size: int = 64
     cache_max_entry_count: float = 0.8
+    quant_policy: int = 0  # 8: int8 KV cache
     num_gpu_blocks: int = 0
     cpu_kv_cache_gib: float = 1.0
     max_prefill_token_num: int = 8192
@@ -57,6 +58,11 @@ class EngineConfig:
         _check(
             0.0 < self.cache_max_entry_count <= 1.0,
             f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}",
+        )
+        _check(
+            self.quant_policy in (0, 8),
+            f"quant_policy must be 0 (KV cache in the model's dtype) or 8 (int8 KV cache), "
+            f"got {self.quant_policy}",
         )
         _check(self.num_gpu_blocks >= 0, f"num_gpu_blocks must be >= 0, got {self.num_gpu_blocks}")
         _check(

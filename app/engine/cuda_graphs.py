@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from app.engine.scheduler import ScheduledSequence
-from app.kernels.attention import AttentionMetadata, token_layout
+from app.kernels.attention import AttentionMetadata, KVCache, token_layout
 
 log = logging.getLogger("splitfuse.engine")
 
@@ -115,7 +115,7 @@ class DecodeGraphs:
     def __init__(
         self,
         model: nn.Module,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[KVCache],
         max_batch_size: int,
         max_model_len: int,
         block_size: int,
@@ -216,7 +216,7 @@ class MixedGraphs:
     def __init__(
         self,
         model: nn.Module,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[KVCache],
         max_batch_size: int,
         max_tokens: int,
         max_model_len: int,

@@ -21,7 +21,7 @@ from app.engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_graphs
 from app.engine.models.registry import KVCacheSpec
 from app.engine.sampler import Sampler, SamplingRow
 from app.engine.scheduler import SchedulerOutput, StepOutput
-from app.kernels.attention import AttentionMetadata, token_layout
+from app.kernels.attention import AttentionMetadata, new_kv_cache, token_layout
 
 
 @dataclass
@@ -46,6 +46,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         eos_token_ids: tuple[int, ...],
+        quant_policy: int = 0,
     ):
         self.model = model
         self.device = device
@@ -55,11 +56,7 @@ class ModelRunner:
         self.scratch_block = num_blocks
         shape = (num_blocks + 1, block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
         self.kv_caches = [
-            (
-                torch.empty(shape, dtype=dtype, device=device),
-                torch.empty(shape, dtype=dtype, device=device),
-            )
-            for _ in range(kv_spec.num_layers)
+            new_kv_cache(*shape, dtype, device, quant_policy) for _ in range(kv_spec.num_layers)
         ]
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}

@@ -1,5 +1,6 @@
-"""Paged attention over the block-table KV cache: the batch layout, the cache write and a torch
-reference that handles decode, prefill and mid-sequence chunks in one mixed batch."""
+"""Paged attention over the block-table KV cache: the batch layout, the cache (model dtype, or
+int8 with a float32 scale per token and kv head), its write, and a torch reference that handles
+decode, prefill and mid-sequence chunks in one mixed batch."""
 
 from __future__ import annotations
 
@@ -10,6 +11,58 @@ import torch.nn.functional as F
 
 from app.kernels.decode_attention import paged_decode_attention
 from app.kernels.prefill_attention import paged_prefill_attention
+
+# One layer's cache: (k, v) `[N, block_size, kvh, hd]`, then (k_scale, v_scale) `[N, block_size,
+# kvh]` float32 when k and v hold int8 (LMDeploy's quant_policy=8).
+KVCache = tuple[torch.Tensor, ...]
+KVScales = tuple[torch.Tensor, torch.Tensor]
+QUANT_POLICIES = (0, 8)
+
+
+def new_kv_cache(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quant_policy: int = 0,
+    fill: float = 0.0,
+) -> KVCache:
+    """One layer's cache; `fill` for the values (NaN in tests, to catch reads of unwritten
+    slots; an int8 cache takes it in its scales)."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    if not quant_policy:
+        return tuple(torch.full(shape, fill, dtype=dtype, device=device) for _ in range(2))
+    values = tuple(torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2))
+    scales = tuple(torch.full(shape[:3], fill, device=device) for _ in range(2))
+    return values + scales
+
+
+def kv_bytes_per_token(
+    num_kv_heads: int, head_dim: int, dtype: torch.dtype, quant_policy: int = 0
+) -> int:
+    """Bytes one token takes in one layer's cache (keys and values)."""
+    if quant_policy:
+        return 2 * num_kv_heads * (head_dim + 4)  # int8 values and a float32 scale per head
+    return 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def split_kv_cache(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, KVScales | None]:
+    """(k_cache, v_cache, kv_scales or None)."""
+    if len(cache) == 2:
+        return cache[0], cache[1], None
+    k_cache, v_cache, k_scale, v_scale = cache
+    return k_cache, v_cache, (k_scale, v_scale)
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 `[..., hd]` with one float32 scale per row (absmax / 127), rounded half
+    up; the Triton cache write computes the same values."""
+    x = x.float()
+    absmax = x.abs().amax(-1).clamp_min(1e-6)
+    values = torch.floor(x * (127.0 / absmax)[..., None] + 0.5).clamp_(-127, 127)
+    return values.to(torch.int8), absmax / 127.0
 
 
 @dataclass
@@ -134,11 +187,16 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: KVScales | None = None,
 ) -> None:
-    """Store this step's keys/values `[T, kvh, hd]` at their slots in `[N, bs, kvh, hd]` caches."""
+    """Store this step's keys/values `[T, kvh, hd]` at their slots in `[N, bs, kvh, hd]` caches
+    (quantized, with their scales, for an int8 cache)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for x, cache, scales in zip((k, v), (k_cache, v_cache), kv_scales or (None, None), strict=True):
+        if scales is not None:
+            x, scale = quantize_kv(x)
+            scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, scale)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 def paged_attention(
@@ -149,12 +207,12 @@ def paged_attention(
     scale: float,
     *,
     sliding_window: int | None = None,
+    kv_scales: KVScales | None = None,
 ) -> torch.Tensor:
     """Causal attention of new queries `[T, H, hd]` over each sequence's cached keys/values:
     the Triton kernels on CUDA, the torch reference elsewhere."""
-    if not q.is_cuda:
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window=sliding_window)
-    return paged_attention_triton(q, k_cache, v_cache, meta, scale, sliding_window=sliding_window)
+    run = paged_attention_triton if q.is_cuda else paged_attention_ref
+    return run(q, k_cache, v_cache, meta, scale, sliding_window=sliding_window, kv_scales=kv_scales)
 
 
 def paged_attention_triton(
@@ -165,31 +223,28 @@ def paged_attention_triton(
     scale: float,
     *,
     sliding_window: int | None = None,
+    kv_scales: KVScales | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The leading decodes (one query each) take the flash-decoding kernel, which splits long
     contexts across programs; the prefill chunks after them take the prefill kernel, whose
     query tiles would be nearly empty for a decode row. Written into `out` when given."""
     d = meta.num_decodes
+    opts = {"sliding_window": sliding_window, "kv_scales": kv_scales}
     if d == q.shape[0]:
         return paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-            sliding_window=sliding_window, out=out,
-        )  # fmt: skip
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, **opts, out=out
+        )
     if d == 0:
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-            sliding_window=sliding_window, out=out,
+            **opts, out=out,
         )  # fmt: skip
     if out is None:
         out = torch.empty_like(q)
     decode, prefill = meta.split_parts()
-    paged_decode_attention(
-        q[:d], k_cache, v_cache, *decode, scale, sliding_window=sliding_window, out=out[:d]
-    )
-    paged_prefill_attention(
-        q[d:], k_cache, v_cache, *prefill, scale, sliding_window=sliding_window, out=out[d:]
-    )
+    paged_decode_attention(q[:d], k_cache, v_cache, *decode, scale, **opts, out=out[:d])
+    paged_prefill_attention(q[d:], k_cache, v_cache, *prefill, scale, **opts, out=out[d:])
     return out
 
 
@@ -201,6 +256,7 @@ def paged_attention_ref(
     scale: float,
     *,
     sliding_window: int | None = None,
+    kv_scales: KVScales | None = None,
 ) -> torch.Tensor:
     """Torch reference: gather each sequence's context into a padded batch and run one SDPA.
 
@@ -219,6 +275,10 @@ def paged_attention_ref(
         compute_dtype = torch.float32
     k = k_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)  # [B, S, kvh, hd]
     v = v_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)
+    if kv_scales is not None:  # int8 values times their scales, in the compute dtype
+        k_scale, v_scale = (s.view(-1, num_kv_heads)[layout.slots] for s in kv_scales)
+        k = k * k_scale[..., None].to(compute_dtype)
+        v = v * v_scale[..., None].to(compute_dtype)
     k = torch.where(layout.key_valid, k, 0.0)
     v = torch.where(layout.key_valid, v, 0.0)
 

@@ -15,7 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from app.kernels.paged_tile import LOG2E, attend_tile, check_head_dim, dot_precision
+from app.kernels.paged_tile import (
+    LOG2E,
+    attend_tile,
+    check_head_dim,
+    dot_precision,
+    scale_args,
+)
 
 MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 64
@@ -60,6 +66,11 @@ def _decode_split_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    ks_ptr,
+    vs_ptr,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -71,6 +82,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -95,6 +107,8 @@ def _decode_split_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    ks_base = ks_ptr + kv_head * stride_sh
+    vs_base = vs_ptr + kv_head * stride_sh
     row_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
@@ -102,15 +116,15 @@ def _decode_split_kernel(
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, k_base, v_base, table_row, n0, end, q_pos, window,
             scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
         )  # fmt: skip
     if full_end < end:
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, k_base, v_base, table_row, full_end, end, q_pos, window,
             scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
         )  # fmt: skip
 
     # An empty split (short context, many splits) has row_sum 0 and gets weight 0 below.
@@ -165,6 +179,7 @@ def paged_decode_attention(
     scale: float,
     *,
     sliding_window: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -202,6 +217,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *scale_args(kv_scales, k_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads,
         GROUP=group,
@@ -211,6 +227,7 @@ def paged_decode_attention(
         BLOCK_N=64 if head_dim * q.element_size() <= 256 else 32,  # 16 KiB of K per tile
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
+        QUANT=kv_scales is not None,
         num_warps=4,
     )  # fmt: skip
     if not single:

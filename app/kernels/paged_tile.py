@@ -1,5 +1,6 @@
 """The inner step shared by the Triton attention kernels: one tile of keys/values gathered from
-the paged cache through a block table, folded into an online-softmax accumulator."""
+the paged cache through a block table (int8 ones scaled back per token), folded into an
+online-softmax accumulator."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def scale_args(
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """The kernels' scale arguments: both `[N, bs, kvh]` scale tensors and their strides, or
+    placeholders (never read) for a cache in the model's dtype."""
+    if kv_scales is None:
+        return k_cache, k_cache, 0, 0, 0
+    k_scale, v_scale = kv_scales
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError("k and v scales must share a layout")
+    return k_scale, v_scale, *k_scale.stride()
+
+
 @triton.jit
 def attend_tile(
     q,
@@ -39,18 +53,26 @@ def attend_tile(
     stride_ks,
     stride_vb,
     stride_vs,
+    ks_base,
+    vs_base,
+    stride_sb,
+    stride_ss,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     """Fold keys n0 .. n0+BLOCK_N-1 into (acc, row_max, row_sum) and return the new triple;
     `k_base`/`v_base` already point at the kv head, `table_row` at the sequence's block table.
 
     Scores live in log2 units (scale_log2 = scale * log2 e) so exp2 replaces exp. Unmasked tiles
     must lie wholly below `k_end` and be visible to every query row. Masked tiles also hide keys
-    at or past `k_end`, after a row's position, or (window > 0) older than its window.
+    at or past `k_end`, after a row's position, or (window > 0) older than its window. With
+    QUANT the cache holds int8 and `ks_base`/`vs_base` point at the kv head's float32 scales:
+    keys are scaled back in the scores and values in the probabilities, so neither tile is
+    multiplied out.
     """
     pos = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
@@ -63,7 +85,18 @@ def attend_tile(
     v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
     # Masked loads keep never-written (possibly NaN) cache rows out of the arithmetic entirely.
     k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0) if MASKED else tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if QUANT:
+        where = page * stride_sb + slot * stride_ss
+        if MASKED:
+            k_scale = tl.load(ks_base + where, mask=in_range, other=0.0)
+            v_scale = tl.load(vs_base + where, mask=in_range, other=0.0)
+        else:
+            k_scale = tl.load(ks_base + where)
+            v_scale = tl.load(vs_base + where)
+        k = k.to(q.dtype)  # int8 values are exact in every float type
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         visible = in_range[None, :] & (pos[None, :] <= q_pos[:, None])
         visible &= (window == 0) | (pos[None, :] > q_pos[:, None] - window)
@@ -76,5 +109,10 @@ def attend_tile(
     alpha = tl.exp2(row_max - shift)
     row_sum = row_sum * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if QUANT:
+        p = p * v_scale[None, :]
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
     return acc, new_max, row_sum

@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from app.kernels.paged_tile import LOG2E, attend_tile, check_head_dim, dot_precision
+from app.kernels.paged_tile import (
+    LOG2E,
+    attend_tile,
+    check_head_dim,
+    dot_precision,
+    scale_args,
+)
 
 
 @triton.jit
@@ -54,6 +60,11 @@ def _prefill_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    ks_ptr,
+    vs_ptr,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -64,6 +75,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     # Numbers run backwards so that a long prompt's last tiles, which see the most keys, start
     # first instead of trailing behind every other program.
@@ -100,6 +112,8 @@ def _prefill_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    ks_base = ks_ptr + kv_head * stride_sh
+    vs_base = vs_ptr + kv_head * stride_sh
     row_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
@@ -107,15 +121,15 @@ def _prefill_kernel(
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
             scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
         )  # fmt: skip
     for n0 in range(full_end, k_end, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
             scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
         )  # fmt: skip
 
     # Every stored row saw at least its own key, so row_sum > 0 there.
@@ -144,6 +158,7 @@ def paged_prefill_attention(
     scale: float,
     *,
     sliding_window: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens `q [T, H, hd]` (sequence b's are rows
@@ -170,6 +185,7 @@ def paged_prefill_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *scale_args(kv_scales, k_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group,
         GROUP_PAD=group_pad,
@@ -178,6 +194,7 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
+        QUANT=kv_scales is not None,
         num_warps=num_warps,
         num_stages=2,
     )  # fmt: skip

@@ -1,5 +1,6 @@
 """Rotary position embedding of queries and keys, fused with the store of this step's keys and
-values into the paged cache: one pass over q/k/v instead of three."""
+values into the paged cache (quantized to int8 there, with a scale per token and kv head, for an
+int8 cache): one pass over q/k/v instead of three."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from app.kernels.attention import write_kv_cache
+from app.kernels.attention import KVScales, write_kv_cache
+from app.kernels.paged_tile import scale_args
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -27,14 +29,13 @@ def rotary_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: KVScales | None = None,
 ) -> None:
     """Rotate q `[T, H, hd]` and k `[T, kvh, hd]` in place by this step's (cos, sin)
-    `[T, hd/2]` (float32), then store k and v at their slots of the `[N, bs, kvh, hd]` caches.
-    Triton on CUDA tensors, the torch reference elsewhere."""
-    if q.is_cuda:
-        rotary_and_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    else:
-        rotary_and_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    `[T, hd/2]` (float32), then store k and v at their slots of the `[N, bs, kvh, hd]` caches
+    (`kv_scales` for an int8 cache). Triton on CUDA tensors, the torch reference elsewhere."""
+    run = rotary_and_cache_triton if q.is_cuda else rotary_and_cache_ref
+    run(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, kv_scales)
 
 
 def rotary_and_cache_ref(
@@ -46,11 +47,12 @@ def rotary_and_cache_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: KVScales | None = None,
 ) -> None:
     """Torch reference of `rotary_and_cache`."""
     q.copy_(apply_rotary(q, cos, sin))
     k.copy_(apply_rotary(k, cos, sin))
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping, kv_scales)
 
 
 @triton.jit
@@ -99,12 +101,18 @@ def _rotary_cache_kernel(
     stride_vcb,
     stride_vcs,
     stride_vch,
+    ks_ptr,
+    vs_ptr,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF)
@@ -120,12 +128,28 @@ def _rotary_cache_kernel(
     ok = (h < NUM_KV_HEADS)[:, None]
     where = (slot // BLOCK_SIZE) * stride_kcb + (slot % BLOCK_SIZE) * stride_kcs
     kc = k_cache_ptr + where + h[:, None] * stride_kch + i[None, :]
-    tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=ok)
-    tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=ok)
     d = tl.arange(0, 2 * HALF)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
-    where = (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs
-    vc = v_cache_ptr + where + h[:, None] * stride_vch + d[None, :]
+    where_v = (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs
+    vc = v_cache_ptr + where_v + h[:, None] * stride_vch + d[None, :]
+    if QUANT:
+        # The reference quantizes k as stored in the model's dtype: round there first.
+        k1 = k1.to(k_ptr.dtype.element_ty).to(tl.float32)
+        k2 = k2.to(k_ptr.dtype.element_ty).to(tl.float32)
+        v = v.to(tl.float32)
+        k_max = tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1))
+        k_max = tl.maximum(k_max, 1e-6)
+        v_max = tl.maximum(tl.max(tl.abs(v), 1), 1e-6)
+        k_inv = (127.0 / k_max)[:, None]
+        k1 = tl.clamp(tl.floor(k1 * k_inv + 0.5), -127.0, 127.0)
+        k2 = tl.clamp(tl.floor(k2 * k_inv + 0.5), -127.0, 127.0)
+        v = tl.clamp(tl.floor(v * (127.0 / v_max)[:, None] + 0.5), -127.0, 127.0)
+        where_s = (slot // BLOCK_SIZE) * stride_sb + (slot % BLOCK_SIZE) * stride_ss
+        head_ok = h < NUM_KV_HEADS
+        tl.store(ks_ptr + where_s + h * stride_sh, k_max / 127.0, mask=head_ok)
+        tl.store(vs_ptr + where_s + h * stride_sh, v_max / 127.0, mask=head_ok)
+    tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
@@ -138,6 +162,7 @@ def rotary_and_cache_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: KVScales | None = None,
 ) -> None:
     """Triton `rotary_and_cache`: one program per token. q/k/v may be strided views (of the
     packed qkv projection) as long as each head's head_dim values are contiguous."""
@@ -153,11 +178,13 @@ def rotary_and_cache_triton(
         cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *scale_args(kv_scales, k_cache),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEADS_PAD=triton.next_power_of_2(num_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=head_dim // 2,
         BLOCK_SIZE=block_size,
+        QUANT=kv_scales is not None,
         num_warps=4,
     )  # fmt: skip

@@ -99,6 +99,23 @@ def test_greedy_under_preemption(smollm2_dir: Path, reference) -> None:
     assert stats["num_free_blocks"] == 12
 
 
+def test_int8_kv_cache_keeps_greedy_tokens(smollm2_dir: Path, pipe: Pipeline, reference) -> None:
+    """quant_policy=8: the same pool memory holds 3.8x the tokens (int8 and a scale per head
+    instead of float32), and greedy decoding stays transformers' for all but a near tie late
+    in one creative answer."""
+    config = EngineConfig(quant_policy=8)
+    with pipeline(str(smollm2_dir), backend_config=config) as p:
+        results = p(CHAT_PROMPTS, gen_config=GREEDY)
+        blocks = p.engine.stats()["num_free_blocks"]
+    assert blocks >= 3.5 * pipe.engine.stats()["num_free_blocks"]
+    same = 0
+    for prompt, result in zip(CHAT_PROMPTS, results, strict=True):
+        expected = reference[prompt]
+        assert result.token_ids[:16] == expected[:16], prompt
+        same += result.token_ids == expected
+    assert same >= len(CHAT_PROMPTS) - 1
+
+
 def test_shared_prefix_computes_only_suffix(pipe: Pipeline) -> None:
     prefix = "The history of the city goes back a long way. " * 30
     first = pipe(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from app.kernels.attention import AttentionMetadata, write_kv_cache
+from app.kernels.attention import AttentionMetadata, KVScales, new_kv_cache, write_kv_cache
 
 # Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton
 # was imported; with neither, the Triton-vs-reference tests have nothing to run on.
@@ -40,6 +40,7 @@ class PagedBatch:
     k_cache: torch.Tensor  # [N, block_size, kvh, hd]
     v_cache: torch.Tensor
     meta: AttentionMetadata
+    kv_scales: KVScales | None = None  # an int8 cache's scales [N, block_size, kvh]
 
 
 def paged_batch(
@@ -51,14 +52,17 @@ def paged_batch(
     block_size: int,
     dtype: torch.dtype,
     seed: int = 0,
+    quant_policy: int = 0,
 ) -> PagedBatch:
-    """`batch` lists (context length after this step, new tokens this step) per sequence."""
+    """`batch` lists (context length after this step, new tokens this step) per sequence;
+    `quant_policy=8` stores the keys and values as int8 with their scales."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(math.ceil(s / block_size) for s, _ in batch) + 2
     pool = torch.randperm(num_blocks, generator=gen).tolist()
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    cache = new_kv_cache(*shape, dtype, "cpu", quant_policy, fill=float("nan"))
+    k_cache, v_cache = cache[:2]
+    kv_scales = cache[2:] or None
     tables, slots = [], []
     for seq_len, query_len in batch:
         table = [pool.pop() for _ in range(math.ceil(seq_len / block_size))]
@@ -67,7 +71,7 @@ def paged_batch(
         seq_slots = torch.tensor(table)[pos // block_size] * block_size + pos % block_size
         k = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
         v = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
-        write_kv_cache(k.to(dtype), v.to(dtype), k_cache, v_cache, seq_slots)
+        write_kv_cache(k.to(dtype), v.to(dtype), k_cache, v_cache, seq_slots, kv_scales)
         slots += seq_slots[seq_len - query_len :].tolist()
     width = max(len(t) for t in tables)
     query_lens = [q for _, q in batch]
@@ -84,4 +88,6 @@ def paged_batch(
         max_seq_len=max(seq_lens),
     )
     q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
-    return PagedBatch(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta)
+    if kv_scales is not None:
+        kv_scales = (kv_scales[0].to(DEVICE), kv_scales[1].to(DEVICE))
+    return PagedBatch(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta, kv_scales)

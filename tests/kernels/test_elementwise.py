@@ -8,6 +8,7 @@ import torch
 from paged_batch import DEVICE, close, nan_like, needs_triton
 
 from app.kernels.activation import silu_and_mul, silu_and_mul_ref, silu_and_mul_triton
+from app.kernels.attention import new_kv_cache
 from app.kernels.norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
@@ -61,6 +62,54 @@ def test_rotary_and_cache_matches_reference(
     for out, ref in ((kc_out, kc_ref), (vc_out, vc_ref)):
         torch.testing.assert_close(out.view(flat)[written], ref.view(flat)[written], **close(dtype))
         assert out.view(flat)[~written].isnan().all()  # nothing but the slots was touched
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_cache_int8_matches_reference(dtype: torch.dtype) -> None:
+    """The int8 cache write: scales as the reference's, every stored key within half a step of
+    the rotated key (its rotation rounds differently from the reference's in half types), and
+    values, which are not rotated, exactly the reference's."""
+    tokens, num_heads, num_kv_heads, head_dim, block_size = 6, 4, 3, 32, 8
+    qkv = _randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=4) * 3
+    angles = torch.rand(tokens, head_dim // 2, generator=torch.Generator().manual_seed(5)) * 50
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    slots = torch.tensor([3, 39, 17, 31, 0, 8], device=DEVICE)
+    results = []
+    for run in (rotary_and_cache_ref, rotary_and_cache_triton):
+        packed = qkv.clone()
+        q, k, v = packed.split([num_heads * head_dim, *[num_kv_heads * head_dim] * 2], -1)
+        k_cache, v_cache, *scales = new_kv_cache(
+            5, block_size, num_kv_heads, head_dim, dtype, DEVICE, 8, fill=float("nan")
+        )
+        kv_heads = (tokens, num_kv_heads, head_dim)
+        run(
+            q.view(tokens, num_heads, head_dim), k.view(kv_heads), v.view(kv_heads), cos, sin,
+            k_cache, v_cache, slots, (scales[0], scales[1]),
+        )  # fmt: skip
+        results.append((packed, k_cache, v_cache, *scales))
+    (packed_ref, *cache_ref), (packed_out, *cache_out) = results
+    torch.testing.assert_close(packed_out, packed_ref, **close(dtype))
+    written = torch.zeros(5 * block_size, dtype=torch.bool, device=DEVICE)
+    written[slots] = True
+    _, vc_ref, ks_ref, vs_ref = cache_ref
+    kc_out, vc_out, ks_out, vs_out = cache_out
+    for out, ref in ((ks_out, ks_ref), (vs_out, vs_ref)):
+        flat = out.view(-1, num_kv_heads)
+        torch.testing.assert_close(
+            flat[written], ref.view(-1, num_kv_heads)[written], **close(dtype)
+        )
+        assert flat[~written].isnan().all()  # no other slot's scale was touched
+    k_rotated = packed_out[:, num_heads * head_dim :][:, : num_kv_heads * head_dim].float()
+    k_stored = (
+        kc_out.view(-1, num_kv_heads, head_dim)[slots].float()
+        * ks_out.view(-1, num_kv_heads)[slots, :, None]
+    )
+    half_step = ks_out.view(-1, num_kv_heads)[slots, :, None] / 2
+    error = (k_stored - k_rotated.view(tokens, num_kv_heads, head_dim)).abs()
+    assert (error <= half_step * 1.001).all()
+    assert kc_out.view(-1, num_kv_heads, head_dim)[~written].eq(0).all()
+    assert torch.equal(vc_out, vc_ref)  # values are not rotated: nothing to round differently
 
 
 @needs_triton

@@ -24,11 +24,12 @@ MIXED = [(9, 1), (7, 7), (130, 70), (1, 1), (200, 3), (64, 64), (71, 9)]
 def _decode(batch, *, splits, window=None, **shape) -> None:
     b = paged_batch(batch, **shape)
     scale = shape["head_dim"] ** -0.5
+    opts = {"sliding_window": window, "kv_scales": b.kv_scales}
     out = paged_decode_attention(
         b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale,
-        sliding_window=window, num_splits=splits, out=nan_like(b.q),
+        num_splits=splits, out=nan_like(b.q), **opts,
     )  # fmt: skip
-    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, sliding_window=window)
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, **opts)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, **close(shape["dtype"]))
 
@@ -36,11 +37,12 @@ def _decode(batch, *, splits, window=None, **shape) -> None:
 def _prefill(batch, *, window=None, **shape) -> None:
     b = paged_batch(batch, **shape)
     scale = shape["head_dim"] ** -0.5
+    opts = {"sliding_window": window, "kv_scales": b.kv_scales}
     out = paged_prefill_attention(
         b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens,
-        b.meta.query_start_loc, scale, sliding_window=window, out=nan_like(b.q),
+        b.meta.query_start_loc, scale, out=nan_like(b.q), **opts,
     )  # fmt: skip
-    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, sliding_window=window)
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, **opts)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, **close(shape["dtype"]))
 
@@ -132,6 +134,42 @@ def test_mixed_step_splits_decodes_from_chunks(batch: list[tuple[int, int]]) -> 
                     dtype=torch.float32)  # fmt: skip
     out = paged_attention_triton(b.q, b.k_cache, b.v_cache, b.meta, 0.1, out=nan_like(b.q))
     ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, 0.1)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **close(torch.float32))
+
+
+# An int8 cache (quant_policy=8): both kernels scale keys and values back per token and kv head,
+# as the reference does; NaN scales in the slots nobody wrote must stay out of the results.
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_int8_cache_decode(splits: int, dtype: torch.dtype) -> None:
+    _decode(
+        DECODES, splits=splits, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
+        dtype=dtype, quant_policy=8,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_int8_cache_prefill(dtype: torch.dtype) -> None:
+    _prefill(
+        MIXED, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype,
+        quant_policy=8,
+    )  # fmt: skip
+
+
+def test_int8_cache_sliding_window() -> None:
+    shape = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "block_size": 16}
+    _decode(DECODES, splits=2, window=90, dtype=torch.float32, quant_policy=8, **shape)
+    _prefill(MIXED, window=24, dtype=torch.float32, quant_policy=8, **shape)
+
+
+def test_int8_cache_mixed_step() -> None:
+    b = paged_batch(DECODES_THEN_CHUNKS, num_heads=8, num_kv_heads=2, head_dim=64,
+                    block_size=16, dtype=torch.float32, quant_policy=8)  # fmt: skip
+    out = paged_attention_triton(
+        b.q, b.k_cache, b.v_cache, b.meta, 0.1, kv_scales=b.kv_scales, out=nan_like(b.q)
+    )
+    ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, 0.1, kv_scales=b.kv_scales)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, **close(torch.float32))
 

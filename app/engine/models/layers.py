@@ -13,12 +13,11 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from app.kernels.activation import silu_and_mul
-from app.kernels.attention import AttentionMetadata, paged_attention
+from app.kernels.attention import AttentionMetadata, KVCache, paged_attention, split_kv_cache
 from app.kernels.linear import linear
 from app.kernels.norm import fused_add_rms_norm, rms_norm
 from app.kernels.rotary import rotary_and_cache
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions
 
 
@@ -237,11 +236,12 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        k_cache, v_cache = kv_cache
-        rotary_and_cache(q, k, v, *rope, k_cache, v_cache, attn.slot_mapping)  # q, k in place
+        k_cache, v_cache, scales = split_kv_cache(kv_cache)
+        rotary_and_cache(q, k, v, *rope, k_cache, v_cache, attn.slot_mapping, scales)  # in place
         out = paged_attention(
-            q, k_cache, v_cache, attn, self.scale, sliding_window=self.sliding_window
-        )
+            q, k_cache, v_cache, attn, self.scale,
+            sliding_window=self.sliding_window, kv_scales=scales,
+        )  # fmt: skip
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
