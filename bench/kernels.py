@@ -227,7 +227,10 @@ class Bench:
         kv_scales = None
         if quant_policy:  # int8 values and a float32 scale per token and kv head
             (k_cache, k_scale), (v_cache, v_scale) = quantize_kv(k_cache), quantize_kv(v_cache)
-            kv_scales = (k_scale, v_scale)
+            # The engine's layout: scales head-major within a block.
+            kv_scales = tuple(
+                x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_scale, v_scale)
+            )
         q = self.randn(batch_size, s.num_heads, s.head_dim)
         scale = s.head_dim**-0.5
         out = self.nan(*q.shape)

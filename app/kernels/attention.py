@@ -35,7 +35,12 @@ def new_kv_cache(
     if not quant_policy:
         return tuple(torch.full(shape, fill, dtype=dtype, device=device) for _ in range(2))
     values = tuple(torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2))
-    scales = tuple(torch.full(shape[:3], fill, device=device) for _ in range(2))
+    # Scales are stored head-major within a block, so that the kernels' tile of one head's
+    # scales is contiguous: `[N, bs, kvh]` views of `[N, kvh, bs]` tensors.
+    scales = tuple(
+        torch.full((num_blocks, num_kv_heads, block_size), fill, device=device).transpose(1, 2)
+        for _ in range(2)
+    )
     return values + scales
 
 
@@ -191,11 +196,11 @@ def write_kv_cache(
 ) -> None:
     """Store this step's keys/values `[T, kvh, hd]` at their slots in `[N, bs, kvh, hd]` caches
     (quantized, with their scales, for an int8 cache)."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     for x, cache, scales in zip((k, v), (k_cache, v_cache), kv_scales or (None, None), strict=True):
         if scales is not None:
             x, scale = quantize_kv(x)
-            scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, scale)
+            scales[slot_mapping // block_size, slot_mapping % block_size] = scale
         cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
@@ -276,7 +281,8 @@ def paged_attention_ref(
     k = k_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)  # [B, S, kvh, hd]
     v = v_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)
     if kv_scales is not None:  # int8 values times their scales, in the compute dtype
-        k_scale, v_scale = (s.view(-1, num_kv_heads)[layout.slots] for s in kv_scales)
+        where = (layout.slots // block_size, layout.slots % block_size)
+        k_scale, v_scale = (s[where] for s in kv_scales)
         k = k * k_scale[..., None].to(compute_dtype)
         v = v * v_scale[..., None].to(compute_dtype)
     k = torch.where(layout.key_valid, k, 0.0)

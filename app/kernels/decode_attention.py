@@ -181,6 +181,7 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_splits: int | None = None,
+    block_n: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence `q [B, H, hd]` over its first seq_lens[b] cached
@@ -188,7 +189,7 @@ def paged_decode_attention(
 
     Launches read only tensor shapes on the host, never tensor values, so the call can be
     captured in a CUDA graph; `num_splits` defaults to a choice from the batch size and the
-    block table's width.
+    block table's width, `block_n` (keys per tile) one from the row width.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -224,7 +225,7 @@ def paged_decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_N=64 if head_dim * q.element_size() <= 256 else 32,  # 16 KiB of K per tile
+        BLOCK_N=block_n or (64 if head_dim * q.element_size() <= 256 else 32),
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
         QUANT=kv_scales is not None,

@@ -95,17 +95,17 @@ def test_rotary_and_cache_int8_matches_reference(dtype: torch.dtype) -> None:
     _, vc_ref, ks_ref, vs_ref = cache_ref
     kc_out, vc_out, ks_out, vs_out = cache_out
     for out, ref in ((ks_out, ks_ref), (vs_out, vs_ref)):
-        flat = out.view(-1, num_kv_heads)
+        flat = out.reshape(-1, num_kv_heads)
         torch.testing.assert_close(
-            flat[written], ref.view(-1, num_kv_heads)[written], **close(dtype)
+            flat[written], ref.reshape(-1, num_kv_heads)[written], **close(dtype)
         )
         assert flat[~written].isnan().all()  # no other slot's scale was touched
     k_rotated = packed_out[:, num_heads * head_dim :][:, : num_kv_heads * head_dim].float()
     k_stored = (
         kc_out.view(-1, num_kv_heads, head_dim)[slots].float()
-        * ks_out.view(-1, num_kv_heads)[slots, :, None]
+        * ks_out.reshape(-1, num_kv_heads)[slots, :, None]
     )
-    half_step = ks_out.view(-1, num_kv_heads)[slots, :, None] / 2
+    half_step = ks_out.reshape(-1, num_kv_heads)[slots, :, None] / 2
     error = (k_stored - k_rotated.view(tokens, num_kv_heads, head_dim)).abs()
     assert (error <= half_step * 1.001).all()
     assert kc_out.view(-1, num_kv_heads, head_dim)[~written].eq(0).all()
