@@ -35,6 +35,7 @@ from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from app.kernels.attention import (
     AttentionMetadata,
     kv_bytes_per_token,
+    new_kv_cache,
     paged_attention_ref,
     paged_attention_triton,
     quantize_kv,
@@ -221,16 +222,22 @@ class Bench:
             rows[every] = self.randn(len(every), s.num_kv_heads, s.head_dim)
         return k_cache, v_cache, self.metadata(batch, table_t)
 
+    def paged_int8(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """`paged`'s caches as int8 with their scales (head-major within a block, as the
+        engine keeps them): k, v, k_scale, v_scale, metadata."""
+        k_cache, v_cache, meta = self.paged(batch)
+        (k8, k_scale), (v8, v_scale) = quantize_kv(k_cache), quantize_kv(v_cache)
+        scales = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_scale, v_scale)]
+        return k8, v8, *scales, meta
+
     def decode(self, batch_size: int, context: int, quant_policy: int = 0) -> None:
         s = self.s
-        k_cache, v_cache, meta = self.paged(((context, 1),) * batch_size)
-        kv_scales = None
+        batch = ((context, 1),) * batch_size
         if quant_policy:  # int8 values and a float32 scale per token and kv head
-            (k_cache, k_scale), (v_cache, v_scale) = quantize_kv(k_cache), quantize_kv(v_cache)
-            # The engine's layout: scales head-major within a block.
-            kv_scales = tuple(
-                x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_scale, v_scale)
-            )
+            k_cache, v_cache, k_scale, v_scale, meta = self.paged_int8(batch)
+            kv_scales = (k_scale, v_scale)
+        else:
+            (k_cache, v_cache, meta), kv_scales = self.paged(batch), None
         q = self.randn(batch_size, s.num_heads, s.head_dim)
         scale = s.head_dim**-0.5
         out = self.nan(*q.shape)
@@ -251,9 +258,13 @@ class Bench:
         case = f"batch {batch_size} ctx {context}" + (" int8 KV" if quant_policy else "")
         self.record("decode attn", case, run, run_ref, work, "GB/s")
 
-    def prefill(self, name: str, batch: Batch) -> None:
+    def prefill(self, name: str, batch: Batch, quant_policy: int = 0) -> None:
         s = self.s
-        k_cache, v_cache, meta = self.paged(batch)
+        if quant_policy:
+            k_cache, v_cache, k_scale, v_scale, meta = self.paged_int8(batch)
+            kv_scales = (k_scale, v_scale)
+        else:
+            (k_cache, v_cache, meta), kv_scales = self.paged(batch), None
         q = self.randn(sum(meta.query_lens_cpu), s.num_heads, s.head_dim)
         scale = s.head_dim**-0.5
         out, ref = self.nan(*q.shape), torch.empty_like(q)
@@ -272,15 +283,22 @@ class Bench:
         ]
 
         def run() -> list[torch.Tensor]:
-            return [paged_attention_triton(q, k_cache, v_cache, meta, scale, out=out)]
+            return [
+                paged_attention_triton(
+                    q, k_cache, v_cache, meta, scale, kv_scales=kv_scales, out=out
+                )
+            ]
 
         def run_ref() -> list[torch.Tensor]:
             for part, idx in zip(parts, rows, strict=True):
-                ref[idx] = paged_attention_ref(q[idx], k_cache, v_cache, part, scale)
+                ref[idx] = paged_attention_ref(
+                    q[idx], k_cache, v_cache, part, scale, kv_scales=kv_scales
+                )
             return [ref]
 
         visible = sum(sum(range(n - k + 1, n + 1)) for n, k in batch)  # keys per query, summed
         work = 4 * visible * s.num_heads * s.head_dim
+        name += " int8 KV" if quant_policy else ""
         self.record("prefill attn", name, run, run_ref, work, "TFLOP/s")
 
     # -- elementwise ----------------------------------------------------------------------
@@ -304,7 +322,7 @@ class Bench:
             (4 * tokens + 1) * n * elem, "GB/s",
         )  # fmt: skip
 
-    def rotary(self, tokens: int) -> None:
+    def rotary(self, tokens: int, quant_policy: int = 0) -> None:
         s, elem = self.s, self.dtype.itemsize
         rope = RopeConfig("llama3", 500000.0, 131072, 8.0, 1.0, 4.0, 8192)
         positions = torch.randint(0, 8192, (tokens,), generator=self.gen, device=self.device)
@@ -317,23 +335,27 @@ class Bench:
 
         def setup(fn: Callable[..., None]) -> Outputs:
             """In-place op on its own copy of q/k/v and caches; returns all it writes."""
-            packed, k_cache, v_cache = qkv.clone(), self.nan(*shape), self.nan(*shape)
+            packed = qkv.clone()
+            cache = new_kv_cache(*shape, self.dtype, self.device, quant_policy, fill=math.nan)
             q, k, v = packed.split([q_size, kv_size, kv_size], dim=-1)
             args = (
                 q.view(tokens, s.num_heads, s.head_dim), k.view(tokens, s.num_kv_heads, -1),
-                v.view(tokens, s.num_kv_heads, -1), cos, sin, k_cache, v_cache, slots,
+                v.view(tokens, s.num_kv_heads, -1), cos, sin, cache[0], cache[1], slots,
+                cache[2:] or None,
             )  # fmt: skip
 
             def call() -> list[torch.Tensor]:
                 fn(*args)
-                return [packed, k_cache, v_cache]
+                return [packed, *cache]
 
             return call
 
         # q/k rotate further on every call; both sides are compared after their first call.
-        work = tokens * ((2 * q_size + 5 * kv_size) * elem + s.head_dim * 4 + 8)
+        cache_bytes = kv_bytes_per_token(s.num_kv_heads, s.head_dim, self.dtype, quant_policy)
+        work = tokens * ((2 * q_size + 3 * kv_size) * elem + cache_bytes + s.head_dim * 4 + 8)
         run, run_ref = setup(rotary_and_cache_triton), setup(rotary_and_cache_ref)
-        self.record("rope+kv write", f"{tokens} tokens", run, run_ref, work, "GB/s")
+        case = f"{tokens} tokens" + (" int8 KV" if quant_policy else "")
+        self.record("rope+kv write", case, run, run_ref, work, "GB/s")
 
     def silu(self, tokens: int) -> None:
         size, elem = self.s.intermediate, self.dtype.itemsize
@@ -360,6 +382,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (interpreter dry run)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument(
+        "--only", default="decode,prefill,elementwise,gemv", help="comma-separated groups to run"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The interpreter cannot multiply bf16 in tl.dot (triton-lang/triton#11584): fp16 on CPU.
@@ -368,16 +393,18 @@ def main() -> None:
     print(f"device: {describe_device()}, triton {triton.__version__}, {dtype}", flush=True)
     bench = Bench(shapes, dtype, device)
     print(HEADER)
-    for batch_size, context in shapes.decode:
-        bench.decode(batch_size, context)
-        bench.decode(batch_size, context, quant_policy=8)
-    for name, batch in shapes.prefill:
-        bench.prefill(name, batch)
-    for tokens in shapes.tokens:
-        bench.rotary(tokens)
+    groups = set(args.only.split(","))
+    for quant_policy in (0, 8):  # the cache in the model's dtype, then int8
+        for batch_size, context in shapes.decode if "decode" in groups else ():
+            bench.decode(batch_size, context, quant_policy)
+        for name, batch in shapes.prefill if "prefill" in groups else ():
+            bench.prefill(name, batch, quant_policy)
+        for tokens in shapes.tokens if "elementwise" in groups else ():
+            bench.rotary(tokens, quant_policy)
+    for tokens in shapes.tokens if "elementwise" in groups else ():
         bench.norms(tokens)
         bench.silu(tokens)
-    for name, n, k in shapes.linears:
+    for name, n, k in shapes.linears if "gemv" in groups else ():
         bench.gemv(name, n, k)
     print(f"\n{HEADER}")
     for row in bench.rows:
