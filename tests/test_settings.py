@@ -74,3 +74,12 @@ def test_async_scheduling_switches_off_by_flag_or_environment() -> None:
     assert off.engine.async_scheduling is False
     flag = build_parser().parse_args(["serve", "--no-async-scheduling"])
     assert _settings(flag).engine.async_scheduling is False
+
+
+def test_quant_policy_by_flag_or_environment() -> None:
+    from app.cli import _settings, build_parser
+
+    assert load_settings(env={}).engine.quant_policy == 0
+    assert load_settings(env={"SPLITFUSE_QUANT_POLICY": "8"}).engine.quant_policy == 8
+    flag = build_parser().parse_args(["serve", "--quant-policy", "8"])
+    assert _settings(flag).engine.quant_policy == 8
