@@ -16,7 +16,6 @@ from app.kernels.prefill_attention import paged_prefill_attention
 # kvh]` float32 when k and v hold int8 (LMDeploy's quant_policy=8).
 KVCache = tuple[torch.Tensor, ...]
 KVScales = tuple[torch.Tensor, torch.Tensor]
-QUANT_POLICIES = (0, 8)
 
 
 def new_kv_cache(
@@ -278,13 +277,13 @@ def paged_attention_ref(
     compute_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         compute_dtype = torch.float32
-    k = k_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)  # [B, S, kvh, hd]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[layout.slots].to(compute_dtype)
-    if kv_scales is not None:  # int8 values times their scales, in the compute dtype
+    k = k_cache.view(-1, num_kv_heads, head_dim)[layout.slots]  # [B, S, kvh, hd]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[layout.slots]
+    if kv_scales is not None:  # int8 values times their scales, in float32
         where = (layout.slots // block_size, layout.slots % block_size)
-        k_scale, v_scale = (s[where] for s in kv_scales)
-        k = k * k_scale[..., None].to(compute_dtype)
-        v = v * v_scale[..., None].to(compute_dtype)
+        k = k.float() * kv_scales[0][where][..., None]
+        v = v.float() * kv_scales[1][where][..., None]
+    k, v = k.to(compute_dtype), v.to(compute_dtype)
     k = torch.where(layout.key_valid, k, 0.0)
     v = torch.where(layout.key_valid, v, 0.0)
 

@@ -196,7 +196,7 @@ def paged_decode_attention(
 
     Launches read only tensor shapes on the host, never tensor values, so the call can be
     captured in a CUDA graph; `num_splits` defaults to a choice from the batch size and the
-    block table's width, `block_n` (keys per tile) one from the row width.
+    block table's width and `block_n` (keys per tile) to a choice from the row width.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
