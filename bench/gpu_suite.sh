@@ -5,6 +5,8 @@
 #   bash bench/gpu_suite.sh serve    serving at 16 and 32 req/s, traced (RATES, SERVE_FLAGS)
 #   bash bench/gpu_suite.sh verify   gpu_check, serving 16 req/s with and without async
 #                                    scheduling, 8B batch-1 latency (~9 min)
+#   bash bench/gpu_suite.sh int8     random-256 and mixed with the KV cache in bf16 and in int8
+#                                    (quant_policy 8), the attention kernels both ways (~6 min)
 # Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,5 +71,16 @@ case "${1:-quick}" in
     serve "$out/serve-plain" --no-async-scheduling 16
     python bench/latency.py --model-config llama-3.1-8b --dtype bfloat16 --runs 3 --skip-hf \
       --json "$out/latency-8b.json" 2>&1 | tail -4
+    ;;
+  int8)
+    # The int8 KV cache against the bf16 one in the same call.
+    for workload in random-256 mixed; do
+      for quant in 0 8; do
+        python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 --skip-hf \
+          --workload $workload --quant-policy $quant --json "$out/tp-8b-$workload-q$quant.json" \
+          2>&1 | grep -i "idle\|pool\|^splitfuse  "
+      done
+    done
+    python bench/kernels.py --only decode,prefill --json "$out/kernels-attn.json" 2>&1 | tail -30
     ;;
 esac
