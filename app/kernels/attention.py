@@ -123,6 +123,7 @@ class RefLayout:
     key_valid: torch.Tensor  # bool [B, S, 1, 1]: the position holds one of the sequence's keys
     padded_row: torch.Tensor  # int64 [T]: row of each new token in the padded [B * Q] batch
     mask: torch.Tensor  # bool [B, 1, Q, S]: which keys each padded query row sees
+    block_slot: tuple[torch.Tensor, torch.Tensor]  # (block [B, S], offset [S]): the scales' index
 
 
 def ref_layout(
@@ -141,7 +142,8 @@ def ref_layout(
     # and are masked out.
     key_pos = torch.arange(max_s, device=device)
     blocks = meta.block_tables[:, key_pos // block_size].long()
-    slots = blocks * block_size + key_pos % block_size
+    offsets = key_pos % block_size
+    slots = blocks * block_size + offsets
     seq_lens = meta.seq_lens.to(device=device, dtype=torch.long)
     key_valid = key_pos[None, :] < seq_lens[:, None]  # [B, S]
 
@@ -159,7 +161,9 @@ def ref_layout(
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, S]
     if sliding_window is not None:
         mask &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
-    layout = RefLayout(slots, key_valid[:, :, None, None], padded_row, mask[:, None, :, :])
+    layout = RefLayout(
+        slots, key_valid[:, :, None, None], padded_row, mask[:, None, :, :], (blocks, offsets)
+    )
     meta._ref_layouts[key] = layout
     return layout
 
@@ -280,9 +284,8 @@ def paged_attention_ref(
     k = k_cache.view(-1, num_kv_heads, head_dim)[layout.slots]  # [B, S, kvh, hd]
     v = v_cache.view(-1, num_kv_heads, head_dim)[layout.slots]
     if kv_scales is not None:  # int8 values times their scales, in float32
-        where = (layout.slots // block_size, layout.slots % block_size)
-        k = k.float() * kv_scales[0][where][..., None]
-        v = v.float() * kv_scales[1][where][..., None]
+        k = k.float() * kv_scales[0][layout.block_slot][..., None]
+        v = v.float() * kv_scales[1][layout.block_slot][..., None]
     k, v = k.to(compute_dtype), v.to(compute_dtype)
     k = torch.where(layout.key_valid, k, 0.0)
     v = torch.where(layout.key_valid, v, 0.0)
