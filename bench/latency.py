@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_model_dir, describe_device
+from bench.kernel_profile import KernelProfile
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -108,8 +109,13 @@ def main() -> None:
     )
     parser.add_argument("--quant-policy", type=int, default=0, choices=[0, 8], help="8: int8 KV")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="one more run, its GPU kernels summed by kind"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.profile and not torch.cuda.is_available():
+        parser.error("--profile sums GPU kernels: it needs a CUDA device")
 
     from app.engine.config import EngineConfig
     from app.engine.engine import AsyncEngine
@@ -133,6 +139,10 @@ def main() -> None:
     async def measure(eng: AsyncEngine) -> list[float]:
         await splitfuse_tpot(eng, prompt[:16], 16)  # warm-up
         runs = [await splitfuse_tpot(eng, prompt, args.output_len) for _ in range(args.runs)]
+        if args.profile:
+            with KernelProfile() as prof:
+                tpot = await splitfuse_tpot(eng, prompt, args.output_len)
+            prof.report(tpot * (args.output_len - 1), steps=args.output_len - 1)
         await eng.stop()
         return runs
 

@@ -13,6 +13,7 @@ output tokens; `mixed` seed 0, input lengths uniform in [128, 1024], outputs in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_model_dir, describe_device
+from bench.kernel_profile import KernelProfile
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Result:
     output_tokens: int
     seconds: float
     max_batch: int | None = None  # the engine's batch cap (transformers: its static batch)
+    kernels: dict | None = None  # --profile: device time by kernel kind
 
     @property
     def output_tok_s(self) -> float:
@@ -130,13 +133,16 @@ def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) 
             GenerationConfig(max_new_tokens=n_out, top_k=1, ignore_eos=True)
             for _, n_out in requests
         ]
+        profile = KernelProfile() if args.profile else contextlib.nullcontext()
         _sync()
-        start = time.perf_counter()
-        outputs = pipe([ids for ids, _ in requests], gen_config=configs)
-        _sync()
-        seconds = time.perf_counter() - start
+        with profile:
+            start = time.perf_counter()
+            outputs = pipe([ids for ids, _ in requests], gen_config=configs)
+            _sync()
+            seconds = time.perf_counter() - start
         if gaps is not None:
             gaps.report()
+        kernels = profile.report(seconds) if args.profile else None
         max_batch = pipe.engine.config.max_batch_size
         info, stats = pipe.engine.info, pipe.engine.stats()
         print(
@@ -148,7 +154,7 @@ def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) 
     if produced != expected:
         raise SystemExit(f"splitfuse produced {produced} tokens, expected {expected}")
     num_in = sum(len(i) for i, _ in requests)
-    return Result("splitfuse", len(requests), num_in, produced, seconds, max_batch)
+    return Result("splitfuse", len(requests), num_in, produced, seconds, max_batch, kernels)
 
 
 def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], args) -> Result:
@@ -222,6 +228,9 @@ def main() -> None:
     parser.add_argument("--quant-policy", type=int, default=0, choices=[0, 8], help="8: int8 KV")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
+        "--profile", action="store_true", help="sum the GPU kernels by kind (torch.profiler)"
+    )
+    parser.add_argument(
         "--hf-num-prompts",
         type=int,
         default=None,
@@ -230,6 +239,8 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    if args.profile and not torch.cuda.is_available():
+        parser.error("--profile sums GPU kernels: it needs a CUDA device")
 
     default_num = {"random-256": 1000, "mixed": 512, "custom": 32}[args.workload]
     num = args.num_prompts or default_num
