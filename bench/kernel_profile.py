@@ -68,12 +68,11 @@ class KernelProfile:
         busy = sum(ms.values())
         wall = wall_seconds * 1e3
         print(f"\nGPU kernels: {busy:.0f} ms busy of {wall:.0f} ms wall ({busy / wall:.1%})")
-        print(f"{'kind':<20} {'ms':>10} {'share':>7} {'launches':>9} {'us/step':>9}")
+        per_step = f" {'us/step':>9}" if steps > 1 else ""
+        print(f"{'kind':<20} {'ms':>10} {'share':>7} {'launches':>9}{per_step}")
         for kind, value in sorted(ms.items(), key=lambda kv: -kv[1]):
-            print(
-                f"{kind:<20} {value:>10.1f} {value / wall:>7.1%} {count[kind]:>9} "
-                f"{value * 1e3 / steps:>9.1f}"
-            )
+            per_step = f" {value * 1e3 / steps:>9.1f}" if steps > 1 else ""
+            print(f"{kind:<20} {value:>10.1f} {value / wall:>7.1%} {count[kind]:>9}{per_step}")
         for name, value in top.items():
             print(f"  {value:>9.1f} ms  {name}")
         return {"wall_ms": wall, "busy_ms": busy, "kinds_ms": ms, "launches": count, "top": top}
