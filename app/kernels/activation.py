@@ -7,8 +7,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from app.kernels.pdl import pdl_release, pdl_wait, use_pdl
-
 BLOCK = 1024
 
 
@@ -27,16 +25,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(
-    x_ptr, out_ptr, stride_x, stride_out, size, BLOCK: tl.constexpr, PDL: tl.constexpr
-):
-    pdl_wait(PDL)
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, size, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < size
     gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     up = tl.load(x_ptr + row * stride_x + size + cols, mask=ok, other=0.0)
-    pdl_release(PDL)
     g = gate.to(tl.float32)
     # Rounded to x's dtype between silu and the product, as the unfused reference is.
     act = (g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32)
@@ -52,9 +46,5 @@ def silu_and_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None) -> 
     if out is None:
         out = torch.empty(num_tokens, size, dtype=x.dtype, device=x.device)
     grid = (num_tokens, triton.cdiv(size, BLOCK))
-    pdl = use_pdl(x)
-    _silu_and_mul_kernel[grid](
-        x, out, x.stride(0), out.stride(0), size,
-        BLOCK=BLOCK, PDL=pdl, num_warps=4, launch_pdl=pdl,
-    )  # fmt: skip
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), size, BLOCK=BLOCK, num_warps=4)
     return out

@@ -22,7 +22,6 @@ from app.kernels.paged_tile import (
     dot_precision,
     scale_args,
 )
-from app.kernels.pdl import pdl_release, pdl_wait, use_pdl
 
 MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 64
@@ -84,9 +83,7 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -130,7 +127,6 @@ def _decode_split_kernel(
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
         )  # fmt: skip
 
-    pdl_release(PDL)
     # An empty split (short context, many splits) has row_sum 0 and gets weight 0 below.
     has_keys = row_sum > 0
     out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
@@ -156,9 +152,7 @@ def _decode_reduce_kernel(
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -171,7 +165,6 @@ def _decode_reduce_kernel(
     parts_ptrs = part_out_ptr + part[:, None] * HEAD_DIM + d[None, :]
     parts = tl.load(parts_ptrs, mask=split_ok[:, None], other=0.0)
     total = tl.sum(weight, 0)
-    pdl_release(PDL)
     # A sequence with no keys at all (a zero-length padding row) gets zeros, not NaN.
     out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
@@ -218,7 +211,6 @@ def paged_decode_attention(
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, num_sms)
     group = num_heads // num_kv_heads
     single = num_splits == 1
-    pdl = use_pdl(q)
     part_out = part_lse = out  # unused by the single-split kernel; any tensor fills the slot
     if not single:
         part_lse = torch.empty(
@@ -244,9 +236,7 @@ def paged_decode_attention(
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
         QUANT=kv_scales is not None,
-        PDL=pdl,
         num_warps=4,
-        launch_pdl=pdl,
         # int8 tiles, converted in registers, ran 1.2x faster with two load stages than three
         # (Triton's default, best for bf16) on an H100.
         num_stages=2 if kv_scales is not None else 3,
@@ -257,8 +247,6 @@ def paged_decode_attention(
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
-            PDL=pdl,
             num_warps=4,
-            launch_pdl=pdl,
         )  # fmt: skip
     return out

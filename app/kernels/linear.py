@@ -8,8 +8,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from app.kernels.pdl import pdl_release, pdl_wait, use_pdl
-
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` for `[M, K] x [N, K]`; one-row CUDA inputs go through `gemv_triton`."""
@@ -21,9 +19,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pdl_wait(PDL)
     # Each program owns BLOCK_N output features and reads their weight rows end to end.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
@@ -36,7 +33,6 @@ def _gemv_kernel(
         w = tl.load(w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    pdl_release(PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -54,11 +50,10 @@ def gemv_triton(
         weight = weight.contiguous()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = gemv_tiles(n, k)
-    pdl = use_pdl(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else y, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=warps,
-        num_stages=stages, launch_pdl=pdl,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return y
 

@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from app.kernels.pdl import pdl_release, pdl_wait, use_pdl
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * x / rms(x)` over the last dimension; Triton on CUDA, the reference elsewhere."""
@@ -59,14 +57,11 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
-    pdl_release(PDL)
     if ADD_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
         # Rounded to the stream's dtype before normalising, like the unfused `x + residual`.
@@ -130,13 +125,10 @@ def _launch(
     rows = _rows(x)
     res = _rows(residual) if add_residual else rows
     block = triton.next_power_of_2(n)
-    pdl = use_pdl(x)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, res, weight, out, residual_out,
         rows.stride(0), res.stride(0), n, n, n, eps,
         BLOCK=block,
         ADD_RESIDUAL=add_residual,
-        PDL=pdl,
         num_warps=min(16, max(1, block // 512)),
-        launch_pdl=pdl,
     )  # fmt: skip

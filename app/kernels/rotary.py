@@ -10,7 +10,6 @@ import triton.language as tl
 
 from app.kernels.attention import KVScales, write_kv_cache
 from app.kernels.paged_tile import scale_args
-from app.kernels.pdl import pdl_release, pdl_wait, use_pdl
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -114,9 +113,7 @@ def _rotary_cache_kernel(
     HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     QUANT: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + t * stride_cos + i)
@@ -151,7 +148,6 @@ def _rotary_cache_kernel(
         head_ok = h < NUM_KV_HEADS
         tl.store(ks_ptr + where_s + h * stride_sh, k_max / 127.0, mask=head_ok)
         tl.store(vs_ptr + where_s + h * stride_sh, v_max / 127.0, mask=head_ok)
-    pdl_release(PDL)
     tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
@@ -176,7 +172,6 @@ def rotary_and_cache_triton(
         raise ValueError(f"head_dim must be a power of two, got {head_dim}")
     if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache)):
         raise ValueError("rotary_and_cache needs contiguous head_dim (last) dimensions")
-    pdl = use_pdl(q)
     _rotary_cache_kernel[(num_tokens,)](
         q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -191,7 +186,5 @@ def rotary_and_cache_triton(
         HALF=head_dim // 2,
         BLOCK_SIZE=block_size,
         QUANT=kv_scales is not None,
-        PDL=pdl,
         num_warps=4,
-        launch_pdl=pdl,
     )  # fmt: skip
