@@ -25,6 +25,7 @@ KINDS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def kind_of(name: str) -> str:
+    """The KINDS entry a kernel name falls under, or "other"."""
     lowered = name.lower()
     for kind, parts in KINDS:
         if any(p in lowered for p in parts):

@@ -60,7 +60,7 @@ def gemv_triton(
 
 def gemv_tiles(n: int, k: int) -> tuple[int, int, int, int]:
     """(rows per program, columns per load, warps, stages) for a `[n, k]` weight, the best of a
-    sweep on an H200 at Llama-3.1-8B shapes (1.1-1.2x the single H100 setting before)."""
+    sweep on an H200 at Llama-3.1-8B shapes (1.05-1.2x the one H100 setting used before)."""
     if k > 8192:
         return 8, 1024, 8, 3  # long rows (down_proj): 29.5 vs 35.9 us
     if n <= 4096:
