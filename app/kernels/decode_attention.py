@@ -44,8 +44,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# The split count varies with the batch in eager steps: no variant per value.
-@triton.jit(do_not_specialize=["num_splits"])
+# The split count and the block-table width vary with the batch in eager steps: no variant
+# per value.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,

@@ -38,9 +38,9 @@ def _find_sequence(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo
 
 
-# The batch size varies from step to step: specializing on it would compile a new variant
-# in the middle of serving.
-@triton.jit(do_not_specialize=["num_seqs"])
+# The batch size and the block-table width (an eager step's longest table) vary from step to
+# step: specializing on them (== 1, multiple of 16) would compile new variants mid-run.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
