@@ -7,6 +7,8 @@
 #                                    scheduling, 8B batch-1 latency (~9 min)
 #   bash bench/gpu_suite.sh int8     random-256 and mixed with the KV cache in bf16 and in int8
 #                                    (quant_policy 8), the attention kernels both ways (~6 min)
+#   bash bench/gpu_suite.sh profile  where the GPU time goes: batch-1 and both workloads with their
+#                                    kernels summed by kind, the GEMV launch-setting sweep (~5 min)
 # Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,5 +84,15 @@ case "${1:-quick}" in
       done
     done
     python bench/kernels.py --only decode,prefill --json "$out/kernels-attn.json" 2>&1 | tail -30
+    ;;
+  profile)
+    python bench/latency.py --model-config llama-3.1-8b --dtype bfloat16 --runs 3 --skip-hf \
+      --profile 2>&1 | grep -v -i "warn\|loading" | tail -28
+    for workload in random-256 mixed; do
+      python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 --skip-hf \
+        --workload $workload --profile --json "$out/profile-$workload.json" 2>&1 \
+        | grep -v -i "warn\|loading" | tail -30
+    done
+    python bench/kernels.py --only gemv-sweep 2>&1 | tail -30
     ;;
 esac

@@ -3,6 +3,7 @@
     python bench/kernels.py                              # on a GPU: check, time, print a table
     python bench/kernels.py --json kernels.json          # also write the numbers
     TRITON_INTERPRET=1 python bench/kernels.py --tiny    # CPU dry run of every check
+    python bench/kernels.py --only gemv-sweep            # the one-row GEMV's launch settings
 
 Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
 checks the kernel against the reference (relative error ||out - ref|| / ||ref|| within bf16
@@ -41,7 +42,7 @@ from app.kernels.attention import (
     quantize_kv,
 )
 from app.kernels.decode_attention import paged_decode_attention
-from app.kernels.linear import gemv_triton
+from app.kernels.linear import _gemv_kernel, gemv_tiles, gemv_triton
 from app.kernels.norm import (
     fused_add_rms_norm_ref,
     fused_add_rms_norm_triton,
@@ -152,6 +153,23 @@ def bench_time(fn: Callable[[], object]) -> float:
         fn()
         runs.append(time.perf_counter() - start)
     return statistics.median(runs) * 1e3
+
+
+# The GEMV launch settings `--only gemv-sweep` tries: (rows per program, columns per load, warps,
+# stages), tiles of at most 16k elements.
+GEMV_GRID = [
+    setting
+    for setting in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (1, 3))
+    if setting[0] * setting[1] <= 16384
+]
+
+
+def graph_time(fn: Callable[[], object]) -> float:
+    """Like bench_time, but replayed from a CUDA graph on a GPU: for kernels of a few
+    microseconds, whose launch from Python would otherwise be timed too."""
+    if torch.cuda.is_available():
+        return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    return bench_time(fn)
 
 
 def compare(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, bool]:
@@ -377,6 +395,37 @@ class Bench:
             (n * k + k + n) * out_elem, "GB/s",
         )  # fmt: skip
 
+    def gemv_sweep(self, name: str, n: int, k: int, top: int = 5) -> None:
+        """Every GEMV_GRID setting on one shape, checked and timed from a CUDA graph: the data
+        `gemv_tiles` is chosen from (rerun it on a new kind of GPU)."""
+        x, w = self.randn(1, k), self.randn(n, k) / k**0.5
+        y = self.nan(1, n)
+        ref = [torch.nn.functional.linear(x, w)]
+        timed: list[tuple[float, tuple[int, int, int, int]]] = []
+        for setting in GEMV_GRID:
+            rows, cols, warps, stages = setting
+
+            def run(rows: int = rows, cols: int = cols, warps: int = warps, stages: int = stages):
+                _gemv_kernel[(triton.cdiv(n, rows),)](
+                    x, w, y, y, n, k, w.stride(0),
+                    HAS_BIAS=False, BLOCK_N=rows, BLOCK_K=cols, num_warps=warps,
+                    num_stages=stages,
+                )  # fmt: skip
+                return [y]
+
+            rel, ok = compare(run(), ref)
+            if not ok:
+                print(f"  {setting}: wrong (rel err {rel:.2e})")
+                continue
+            timed.append((graph_time(run), setting))
+        timed.sort()
+        bytes_moved = (n * k + k + n) * self.dtype.itemsize
+        chosen = gemv_tiles(n, k)
+        now = next((t for t, setting in timed if setting == chosen), float("nan"))
+        print(f"gemv sweep {name} {n} x {k}: gemv_tiles {chosen} {now * 1e3:.1f} us; best:")
+        for t, setting in timed[:top]:
+            print(f"  {t * 1e3:8.1f} us {bytes_moved / t / 1e6:7.0f} GB/s  {setting}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -406,6 +455,8 @@ def main() -> None:
         bench.silu(tokens)
     for name, n, k in shapes.linears if "gemv" in groups else ():
         bench.gemv(name, n, k)
+    for name, n, k in shapes.linears if "gemv-sweep" in groups else ():
+        bench.gemv_sweep(name, n, k)
     print(f"\n{HEADER}")
     for row in bench.rows:
         print(row.line())
