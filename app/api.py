@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import math
 import os
 import threading
@@ -67,10 +66,6 @@ class Pipeline:
             target=self._loop.run_forever, name="splitfuse-loop", daemon=True
         )
         self._thread.start()
-        # As the server does: what start-up made is kept out of the collector's scans, so that a
-        # full collection during a large batch stays short; close() hands it back.
-        gc.collect()
-        gc.freeze()
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, do_preprocess: bool = True) -> list[int]:
@@ -222,7 +217,6 @@ class Pipeline:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
         self.engine.shutdown()
-        gc.unfreeze()
 
     def __enter__(self) -> Pipeline:
         return self

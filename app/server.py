@@ -7,7 +7,6 @@ module globals. One asyncio loop (uvloop) runs HTTP and the engine loop.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import time
@@ -166,10 +165,6 @@ def serve(settings: Settings) -> None:
     configure_logging(settings.server.log_format, settings.server.log_level)
     engine = AsyncEngine(settings.model, settings.engine)
     app = create_app(engine, settings)
-    # What start-up made (model, tokenizer, app) lives as long as the process: kept out of the
-    # collector's scans, so that a full collection while serving stays short.
-    gc.collect()
-    gc.freeze()
     config = uvicorn.Config(
         app,
         host=settings.server.host,

@@ -42,7 +42,7 @@ from app.kernels.attention import (
     quantize_kv,
 )
 from app.kernels.decode_attention import paged_decode_attention
-from app.kernels.linear import _gemv_kernel, gemv_tiles, gemv_triton
+from app.kernels.linear import gemv_tiles, gemv_triton
 from app.kernels.norm import (
     fused_add_rms_norm_ref,
     fused_add_rms_norm_triton,
@@ -399,19 +399,12 @@ class Bench:
         """Every GEMV_GRID setting on one shape, checked and timed from a CUDA graph: the data
         `gemv_tiles` is chosen from (rerun it on a new kind of GPU)."""
         x, w = self.randn(1, k), self.randn(n, k) / k**0.5
-        y = self.nan(1, n)
         ref = [torch.nn.functional.linear(x, w)]
         timed: list[tuple[float, tuple[int, int, int, int]]] = []
         for setting in GEMV_GRID:
-            rows, cols, warps, stages = setting
 
-            def run(rows: int = rows, cols: int = cols, warps: int = warps, stages: int = stages):
-                _gemv_kernel[(triton.cdiv(n, rows),)](
-                    x, w, y, y, n, k, w.stride(0),
-                    HAS_BIAS=False, BLOCK_N=rows, BLOCK_K=cols, num_warps=warps,
-                    num_stages=stages,
-                )  # fmt: skip
-                return [y]
+            def run(setting: tuple[int, int, int, int] = setting) -> list[torch.Tensor]:
+                return [gemv_triton(x, w, tiles=setting)]
 
             rel, ok = compare(run(), ref)
             if not ok:

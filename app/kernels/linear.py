@@ -39,9 +39,14 @@ def _gemv_kernel(
 
 
 def gemv_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`x W^T + b` for a one-row `x` `[1, K]` and a row-major `W` `[N, K]`, float32 accumulation."""
+    """`x W^T + b` for a one-row `x` `[1, K]` and a row-major `W` `[N, K]`, float32 accumulation;
+    `tiles` overrides `gemv_tiles`' launch setting."""
     n, k = weight.shape
     if x.shape != (1, k):
         raise ValueError(f"gemv_triton takes x of shape (1, {k}), got {tuple(x.shape)}")
@@ -49,7 +54,7 @@ def gemv_triton(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = gemv_tiles(n, k)
+    block_n, block_k, warps, stages = tiles or gemv_tiles(n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else y, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
