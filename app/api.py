@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from app.chat_template import ChatTemplate
-from app.engine.config import EngineConfig, GenerationConfig, SamplingParams
+from app.engine.config import EngineConfig, GenerationConfig, SamplingParams, all_ints
 from app.engine.engine import AsyncEngine
 from app.engine.grammar_spec import GrammarSpec
 from app.engine.outputs import RequestOutput, TokenLogprob
@@ -69,7 +69,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, do_preprocess: bool = True) -> list[int]:
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, list) and prompt and all_ints(prompt):
             return list(prompt)
         if isinstance(prompt, str):
             if not prompt:

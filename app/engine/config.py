@@ -7,11 +7,19 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+def all_ints(values: Iterable[object]) -> bool:
+    """Whether every value is an int, without a Python-level loop: token-id checks of whole
+    prompts, which a 1000-prompt pipeline call makes before its first step."""
+    return all(map(isinstance, values, itertools.repeat(int)))
 
 
 @dataclass

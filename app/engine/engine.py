@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.engine.block_manager import BlockManager
 from app.engine.builder import build
-from app.engine.config import EngineConfig, SamplingParams
+from app.engine.config import EngineConfig, SamplingParams, all_ints
 from app.engine.constraints import accept_token, fill_masks, grammar_rows
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.handoff import Gate, InFlight, Launch, wait_launched
@@ -151,8 +151,8 @@ class AsyncEngine:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         vocab = self.info.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
+        if not (all_ints(prompt_ids) and min(prompt_ids) >= 0 and max(prompt_ids) < vocab):
+            bad = next(t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab)
             raise ValueError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
         if session_id is None and len(prompt_ids) >= self.max_model_len:
             raise ValueError(

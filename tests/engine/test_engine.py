@@ -192,6 +192,9 @@ def test_detokenizer_exception_fails_only_its_request(engine: AsyncEngine, monke
     [
         ([], SamplingParams(), "empty"),
         ([10**6], SamplingParams(), "vocabulary"),
+        ([5, -1, 7], SamplingParams(), r"id -1 is outside"),
+        ([5, 2.0, 7], SamplingParams(), r"id 2\.0 is outside"),
+        ([5, "7"], SamplingParams(), r"id '7' is outside"),
         ([1, 2], SamplingParams(n=99), "n must"),
         ([1, 2], SamplingParams(logprobs=1000), "logprobs"),
         ([1, 2], SamplingParams(logit_bias=((10**7, 1.0),)), "logit_bias"),
