@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,7 +12,12 @@ import pytest
 
 from app.engine.builder import default_max_batch_size
 from app.engine.config import EngineConfig, SamplingParams
-from app.engine.engine import AsyncEngine, RequestOutput, SessionBusyError
+from app.engine.engine import (
+    FULL_COLLECTION_EVERY,
+    AsyncEngine,
+    RequestOutput,
+    SessionBusyError,
+)
 
 LONG = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
 
@@ -48,6 +54,19 @@ def test_open_batch_cap_is_chosen_at_start(engine: AsyncEngine) -> None:
     # The fixture leaves max_batch_size at 0: the device's default applies everywhere.
     chosen = default_max_batch_size(engine.runner.device)  # 128 on the CPU
     assert engine.config.max_batch_size == engine.scheduler.max_batch_size == chosen
+
+
+def test_engine_defers_full_collections_until_shutdown(tiny_model_dir: Path) -> None:
+    before = gc.get_threshold()
+    eng = AsyncEngine(str(tiny_model_dir), EngineConfig(block_size=16))
+    try:
+        assert gc.get_threshold()[:2] == before[:2]
+        assert gc.get_threshold()[2] == max(before[2], FULL_COLLECTION_EVERY)
+        assert gc.get_freeze_count() > 0
+    finally:
+        eng.shutdown()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 
 def test_session_turns_prefill_only_new_tokens(engine: AsyncEngine) -> None:
