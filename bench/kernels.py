@@ -4,6 +4,7 @@
     python bench/kernels.py --json kernels.json          # also write the numbers
     TRITON_INTERPRET=1 python bench/kernels.py --tiny    # CPU dry run of every check
     python bench/kernels.py --only gemv-sweep            # the one-row GEMV's launch settings
+    python bench/kernels.py --only decode-sweep          # decode attention's launch settings
 
 Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
 checks the kernel against the reference (relative error ||out - ref|| / ||ref|| within bf16
@@ -41,7 +42,7 @@ from app.kernels.attention import (
     paged_attention_triton,
     quantize_kv,
 )
-from app.kernels.decode_attention import paged_decode_attention
+from app.kernels.decode_attention import decode_tiles, paged_decode_attention
 from app.kernels.linear import gemv_tiles, gemv_triton
 from app.kernels.norm import (
     fused_add_rms_norm_ref,
@@ -66,6 +67,7 @@ class Shapes:
     intermediate: int
     block_size: int
     decode: tuple[tuple[int, int], ...]  # (batch, context)
+    decode_sweep: tuple[tuple[int, int], ...]  # the cases `--only decode-sweep` times
     prefill: tuple[tuple[str, Batch], ...]
     tokens: tuple[int, ...]  # rows for the norm / rotary / activation kernels (block multiples)
     linears: tuple[tuple[str, int, int], ...]  # (name, out features, in features) for the GEMV
@@ -82,6 +84,8 @@ LLAMA_8B = Shapes(
     intermediate=14336,
     block_size=64,
     decode=DECODE_8B,
+    # Few sequences (many splits), long contexts, random-256's decode steps.
+    decode_sweep=((16, 2048), (256, 4096), (512, 384)),
     prefill=(
         ("prompt 8192", ((8192, 8192),)),
         ("chunk 2048 after 6144", ((8192, 2048),)),
@@ -107,6 +111,7 @@ TINY = Shapes(
     intermediate=96,
     block_size=16,
     decode=((1, 300), (3, 100)),  # the first takes two splits
+    decode_sweep=((3, 100),),
     prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))),),
     tokens=(32,),
     linears=(("proj", 40, 64), ("wide", 96, 1100)),
@@ -154,6 +159,9 @@ def bench_time(fn: Callable[[], object]) -> float:
         runs.append(time.perf_counter() - start)
     return statistics.median(runs) * 1e3
 
+
+# The decode-attention launch settings `--only decode-sweep` tries: (keys per tile, warps, stages).
+DECODE_GRID = list(itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 3)))
 
 # The GEMV launch settings `--only gemv-sweep` tries: (rows per program, columns per load, warps,
 # stages), tiles of at most 16k elements.
@@ -248,23 +256,39 @@ class Bench:
         scales = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_scale, v_scale)]
         return k8, v8, *scales, meta
 
-    def decode(self, batch_size: int, context: int, quant_policy: int = 0) -> None:
-        s = self.s
+    def decode_inputs(self, batch_size: int, context: int, quant_policy: int) -> tuple:
+        """q, the caches, their scales (None for a cache in the model's dtype) and metadata."""
         batch = ((context, 1),) * batch_size
         if quant_policy:  # int8 values and a float32 scale per token and kv head
             k_cache, v_cache, k_scale, v_scale, meta = self.paged_int8(batch)
             kv_scales = (k_scale, v_scale)
         else:
             (k_cache, v_cache, meta), kv_scales = self.paged(batch), None
-        q = self.randn(batch_size, s.num_heads, s.head_dim)
+        q = self.randn(batch_size, self.s.num_heads, self.s.head_dim)
+        return q, k_cache, v_cache, kv_scales, meta
+
+    def decode(
+        self, batch_size: int, context: int, quant_policy: int = 0, *, sweep: bool = False
+    ) -> None:
+        """One decode-attention case; `sweep` times every DECODE_GRID setting on it instead."""
+        s = self.s
+        q, k_cache, v_cache, kv_scales, meta = self.decode_inputs(batch_size, context, quant_policy)
         scale = s.head_dim**-0.5
         out = self.nan(*q.shape)
 
-        def run() -> list[torch.Tensor]:
+        def run(tiles: tuple[int, int, int] | None = None) -> list[torch.Tensor]:
             tables, lens = meta.block_tables, meta.seq_lens
             return [
                 paged_decode_attention(
-                    q, k_cache, v_cache, tables, lens, scale, kv_scales=kv_scales, out=out
+                    q,
+                    k_cache,
+                    v_cache,
+                    tables,
+                    lens,
+                    scale,
+                    kv_scales=kv_scales,
+                    tiles=tiles,
+                    out=out,
                 )
             ]
 
@@ -274,7 +298,22 @@ class Bench:
         per_token = kv_bytes_per_token(s.num_kv_heads, s.head_dim, q.dtype, quant_policy)
         work = batch_size * context * per_token + 2 * q.numel() * q.element_size()
         case = f"batch {batch_size} ctx {context}" + (" int8 KV" if quant_policy else "")
-        self.record("decode attn", case, run, run_ref, work, "GB/s")
+        if not sweep:
+            self.record("decode attn", case, run, run_ref, work, "GB/s")
+            return
+        ref = run_ref()
+        chosen = decode_tiles(s.head_dim * q.element_size(), bool(quant_policy))
+        timed = []
+        for setting in DECODE_GRID:
+            try:
+                rel, ok = compare(run(setting), ref)
+            except triton.runtime.errors.OutOfResources:
+                continue  # its tiles do not fit in shared memory
+            if not ok:
+                print(f"  {setting}: wrong (rel err {rel:.2e})")
+                continue
+            timed.append((graph_time(lambda setting=setting: run(setting)), setting))
+        self.print_sweep(f"decode sweep {case}", "decode_tiles", chosen, timed, work)
 
     def prefill(self, name: str, batch: Batch, quant_policy: int = 0) -> None:
         s = self.s
@@ -411,13 +450,21 @@ class Bench:
                 print(f"  {setting}: wrong (rel err {rel:.2e})")
                 continue
             timed.append((graph_time(run), setting))
-        timed.sort()
         bytes_moved = (n * k + k + n) * self.dtype.itemsize
-        chosen = gemv_tiles(n, k)
+        self.print_sweep(f"gemv sweep {name} {n} x {k}", "gemv_tiles", gemv_tiles(n, k), timed,
+                         bytes_moved, top)  # fmt: skip
+
+    @staticmethod
+    def print_sweep(
+        title: str, rule: str, chosen: tuple, timed: list[tuple[float, tuple]], work: float,
+        top: int = 5,
+    ) -> None:  # fmt: skip
+        """The rule's current setting and the `top` fastest, with their GB/s of `work` bytes."""
+        timed.sort()
         now = next((t for t, setting in timed if setting == chosen), float("nan"))
-        print(f"gemv sweep {name} {n} x {k}: gemv_tiles {chosen} {now * 1e3:.1f} us; best:")
+        print(f"{title}: {rule} {chosen} {now * 1e3:.1f} us; best:", flush=True)
         for t, setting in timed[:top]:
-            print(f"  {t * 1e3:8.1f} us {bytes_moved / t / 1e6:7.0f} GB/s  {setting}")
+            print(f"  {t * 1e3:8.1f} us {work / t / 1e6:7.0f} GB/s  {setting}", flush=True)
 
 
 def main() -> None:
@@ -439,6 +486,8 @@ def main() -> None:
     for quant_policy in (0, 8):  # the cache in the model's dtype, then int8
         for batch_size, context in shapes.decode if "decode" in groups else ():
             bench.decode(batch_size, context, quant_policy)
+        for batch_size, context in shapes.decode_sweep if "decode-sweep" in groups else ():
+            bench.decode(batch_size, context, quant_policy, sweep=True)
         for name, batch in shapes.prefill if "prefill" in groups else ():
             bench.prefill(name, batch, quant_policy)
         for tokens in shapes.tokens if "elementwise" in groups else ():

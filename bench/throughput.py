@@ -78,14 +78,19 @@ def make_workload(
 
 
 class GapMeter:
-    """GPU idle time between engine steps, from CUDA events around each step's device work.
+    """GPU idle time between engine steps, from CUDA events around each step's device work, and
+    the caching allocator's device calls in the meantime.
 
     An event recorded before a step's launches completes when the GPU reaches it; the gap to the
-    previous step's end event is time the GPU had nothing to do.
+    previous step's end event is time the GPU had nothing to do. A retry (an allocation that
+    failed until every cached block was freed) synchronizes the device.
     """
+
+    ALLOCATOR = ("num_alloc_retries", "num_device_alloc", "num_device_free")
 
     def __init__(self, runner) -> None:
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+        self.allocator = [torch.cuda.memory_stats().get(key, 0) for key in self.ALLOCATOR]
         execute = runner.execute
 
         def timed(out, *args):
@@ -112,6 +117,12 @@ class GapMeter:
             f"GPU idle gap between steps (batch >= 200 where any): {gap:.2f} ms per step, "
             f"step {step:.2f} ms -> idle {gap / (gap + step):.1%} ({len(big)} steps)"
         )
+        stats = torch.cuda.memory_stats()
+        retries, mallocs, frees = (
+            stats.get(key, 0) - before
+            for key, before in zip(self.ALLOCATOR, self.allocator, strict=True)
+        )
+        print(f"allocator: {retries} retries, {mallocs} cudaMalloc, {frees} cudaFree")
 
 
 def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) -> Result:

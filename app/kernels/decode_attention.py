@@ -171,11 +171,13 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _block_n(row_bytes: int, int8: bool) -> int:
-    """Keys per tile: 64 for rows of up to 256 bytes (bf16 head_dim 128), 32 for wider ones;
-    twice as many from an int8 cache, whose tiles are half the bytes (1.2-1.3x faster on an
-    H100 at batch 64-512)."""
-    return (64 if row_bytes <= 256 else 32) * (2 if int8 else 1)
+def decode_tiles(row_bytes: int, int8: bool) -> tuple[int, int, int]:
+    """(keys per tile, warps, stages): 64 keys for rows of up to 256 bytes (bf16 head_dim 128),
+    32 for wider ones; twice as many from an int8 cache, whose tiles are half the bytes (1.2-1.3x
+    faster on an H100 at batch 64-512), with two load stages instead of three (Triton's default,
+    best for bf16): int8 tiles, converted in registers, ran 1.2x faster so on an H100."""
+    keys = (64 if row_bytes <= 256 else 32) * (2 if int8 else 1)
+    return keys, 4, 2 if int8 else 3
 
 
 def paged_decode_attention(
@@ -189,7 +191,7 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_splits: int | None = None,
-    block_n: int | None = None,
+    tiles: tuple[int, int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence `q [B, H, hd]` over its first seq_lens[b] cached
@@ -197,7 +199,7 @@ def paged_decode_attention(
 
     Launches read only tensor shapes on the host, never tensor values, so the call can be
     captured in a CUDA graph; `num_splits` defaults to a choice from the batch size and the
-    block table's width and `block_n` (keys per tile) to a choice from the row width.
+    block table's width and `tiles` (keys per tile, warps, stages) to `decode_tiles`' choice.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -211,6 +213,8 @@ def paged_decode_attention(
         num_sms = _num_sms(q.device)
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, num_sms)
     group = num_heads // num_kv_heads
+    quant = kv_scales is not None
+    block_n, warps, stages = tiles or decode_tiles(head_dim * q.element_size(), quant)
     single = num_splits == 1
     part_out = part_lse = out  # unused by the single-split kernel; any tensor fills the slot
     if not single:
@@ -233,14 +237,12 @@ def paged_decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_N=block_n or _block_n(head_dim * q.element_size(), kv_scales is not None),
+        BLOCK_N=block_n,
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
-        QUANT=kv_scales is not None,
-        num_warps=4,
-        # int8 tiles, converted in registers, ran 1.2x faster with two load stages than three
-        # (Triton's default, best for bf16) on an H100.
-        num_stages=2 if kv_scales is not None else 3,
+        QUANT=quant,
+        num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
