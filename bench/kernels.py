@@ -5,6 +5,7 @@
     TRITON_INTERPRET=1 python bench/kernels.py --tiny    # CPU dry run of every check
     python bench/kernels.py --only gemv-sweep            # the one-row GEMV's launch settings
     python bench/kernels.py --only decode-sweep          # decode attention's launch settings
+    python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
 
 Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
 checks the kernel against the reference (relative error ||out - ref|| / ||ref|| within bf16
@@ -68,6 +69,7 @@ class Shapes:
     block_size: int
     decode: tuple[tuple[int, int], ...]  # (batch, context)
     decode_sweep: tuple[tuple[int, int], ...]  # the cases `--only decode-sweep` times
+    gemm_rows: tuple[int, ...]  # token counts `--only gemm` times cuBLAS at
     prefill: tuple[tuple[str, Batch], ...]
     tokens: tuple[int, ...]  # rows for the norm / rotary / activation kernels (block multiples)
     linears: tuple[tuple[str, int, int], ...]  # (name, out features, in features) for the GEMV
@@ -95,6 +97,7 @@ LLAMA_8B = Shapes(
         ("256 dec @384 + chunk 512", ((384, 1),) * 256 + ((512, 512),)),
     ),
     tokens=(256, 8192),
+    gemm_rows=(512, 8192),  # a full decode batch, an admission step's token budget
     linears=(
         ("qkv", 6144, 4096),
         ("o", 4096, 4096),
@@ -114,6 +117,7 @@ TINY = Shapes(
     decode_sweep=((3, 100),),
     prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))),),
     tokens=(32,),
+    gemm_rows=(4, 16),
     linears=(("proj", 40, 64), ("wide", 96, 1100)),
 )
 
@@ -434,6 +438,21 @@ class Bench:
             (n * k + k + n) * out_elem, "GB/s",
         )  # fmt: skip
 
+    def gemm(self, name: str, n: int, k: int, rows: int) -> None:
+        """cuBLAS (F.linear) on `rows` tokens: the arithmetic rate the engine's GEMMs run at,
+        which bounds every batched step."""
+        x, w = self.randn(rows, k), self.randn(n, k) / k**0.5
+        rates = []
+        default = torch.backends.cuda.preferred_blas_library()
+        # torch's two CUDA paths for one product (the CPU has its own).
+        for library in ("cublas", "cublaslt") if x.is_cuda else ("cpu",):
+            if x.is_cuda:
+                torch.backends.cuda.preferred_blas_library(library)
+            ms = bench_time(lambda: torch.nn.functional.linear(x, w))
+            rates.append(f"{library} {ms * 1e3:8.1f} us {2 * rows * n * k / ms / 1e9:6.1f} TFLOP/s")
+        torch.backends.cuda.preferred_blas_library(default)
+        print(f"gemm {name:<8} {rows:>5} x {n:>6} x {k:>5}: {'; '.join(rates)}")
+
     def gemv_sweep(self, name: str, n: int, k: int, top: int = 5) -> None:
         """Every GEMV_GRID setting on one shape, checked and timed from a CUDA graph: the data
         `gemv_tiles` is chosen from (rerun it on a new kind of GPU)."""
@@ -497,6 +516,9 @@ def main() -> None:
         bench.silu(tokens)
     for name, n, k in shapes.linears if "gemv" in groups else ():
         bench.gemv(name, n, k)
+    for rows, (name, n, k) in itertools.product(shapes.gemm_rows, shapes.linears):
+        if "gemm" in groups:
+            bench.gemm(name, n, k, rows)
     for name, n, k in shapes.linears if "gemv-sweep" in groups else ():
         bench.gemv_sweep(name, n, k)
     print(f"\n{HEADER}")
