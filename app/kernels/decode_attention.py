@@ -173,11 +173,11 @@ def _decode_reduce_kernel(
 
 def decode_tiles(row_bytes: int, int8: bool) -> tuple[int, int, int]:
     """(keys per tile, warps, stages): 64 keys for rows of up to 256 bytes (bf16 head_dim 128),
-    32 for wider ones; twice as many from an int8 cache, whose tiles are half the bytes (1.2-1.3x
-    faster on an H100 at batch 64-512), with two load stages instead of three (Triton's default,
-    best for bf16): int8 tiles, converted in registers, ran 1.2x faster so on an H100."""
+    32 for wider ones, twice as many from an int8 cache, whose tiles are half the bytes (1.2-1.3x
+    faster on an H100 at batch 64-512); 4 warps, 2 load stages. Swept on an H200 (`bench/kernels.py
+    --only decode-sweep`), bf16 tiles ran 0.4-2.5% faster with 2 stages than with Triton's 3."""
     keys = (64 if row_bytes <= 256 else 32) * (2 if int8 else 1)
-    return keys, 4, 2 if int8 else 3
+    return keys, 4, 2
 
 
 def paged_decode_attention(

@@ -8,7 +8,7 @@ import torch
 from paged_batch import DEVICE, HALF_DTYPES, close, nan_like, needs_triton, paged_batch
 
 from app.kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
-from app.kernels.decode_attention import decode_num_splits, paged_decode_attention
+from app.kernels.decode_attention import decode_num_splits, decode_tiles, paged_decode_attention
 from app.kernels.prefill_attention import paged_prefill_attention
 
 pytestmark = needs_triton
@@ -21,13 +21,13 @@ DECODES = [(1, 1), (17, 1), (100, 1), (250, 1)]
 MIXED = [(9, 1), (7, 7), (130, 70), (1, 1), (200, 3), (64, 64), (71, 9)]
 
 
-def _decode(batch, *, splits, window=None, **shape) -> None:
+def _decode(batch, *, splits, window=None, tiles=None, **shape) -> None:
     b = paged_batch(batch, **shape)
     scale = shape["head_dim"] ** -0.5
     opts = {"sliding_window": window, "kv_scales": b.kv_scales}
     out = paged_decode_attention(
         b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale,
-        num_splits=splits, out=nan_like(b.q), **opts,
+        num_splits=splits, tiles=tiles, out=nan_like(b.q), **opts,
     )  # fmt: skip
     ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, **opts)
     assert not out.isnan().any()
@@ -45,6 +45,23 @@ def _prefill(batch, *, window=None, **shape) -> None:
     ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, **opts)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, **close(shape["dtype"]))
+
+
+def test_decode_tiles_by_row_width_and_cache_type() -> None:
+    assert decode_tiles(256, False) == (64, 4, 2)  # bf16 head_dim 128
+    assert decode_tiles(512, False) == (32, 4, 2)  # float32 head_dim 128
+    assert decode_tiles(256, True) == (128, 4, 2)  # int8 tiles: twice the keys
+
+
+# Every launch setting the decode sweep may pick computes the same attention, masked tail
+# tiles (keys not a multiple of the tile) and splits included.
+@pytest.mark.parametrize("tiles", [(32, 4, 1), (128, 8, 3)])
+@pytest.mark.parametrize("quant_policy", [0, 8])
+def test_decode_launch_settings(tiles: tuple[int, int, int], quant_policy: int) -> None:
+    _decode(
+        DECODES, splits=3, tiles=tiles, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+        dtype=torch.float32, quant_policy=quant_policy,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("splits", [1, 3, 8])
