@@ -8,7 +8,8 @@
 #   bash bench/gpu_suite.sh int8     random-256 and mixed with the KV cache in bf16 and in int8
 #                                    (quant_policy 8), the attention kernels both ways (~6 min)
 #   bash bench/gpu_suite.sh profile  where the GPU time goes: batch-1 and both workloads with their
-#                                    kernels summed by kind, the GEMV launch-setting sweep (~5 min)
+#                                    kernels summed by kind, the GEMV and decode-attention
+#                                    launch-setting sweeps, cuBLAS rates (~9 min)
 # Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +94,7 @@ case "${1:-quick}" in
         --workload $workload --profile --json "$out/profile-$workload.json" 2>&1 \
         | grep -v -i "warn\|loading" | tail -30
     done
-    python bench/kernels.py --only gemv-sweep 2>&1 | tail -30
+    python bench/kernels.py --only gemv-sweep,gemm 2>&1 | grep -v "^kernel\|^$" | tail -40
+    python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$" | tail -40
     ;;
 esac

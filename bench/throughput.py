@@ -248,10 +248,20 @@ def main() -> None:
         help="run transformers on only the first N requests (it is slow); "
         "rates are compared, not totals",
     )
+    parser.add_argument(
+        "--blas",
+        choices=["cublas", "cublaslt"],
+        default=None,
+        help="the CUDA library torch's matrix products go through (default: torch's choice)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.profile and not torch.cuda.is_available():
         parser.error("--profile sums GPU kernels: it needs a CUDA device")
+    if args.blas is not None:
+        if not torch.cuda.is_available():
+            parser.error("--blas picks a CUDA library: it needs a CUDA device")
+        torch.backends.cuda.preferred_blas_library(args.blas)
 
     default_num = {"random-256": 1000, "mixed": 512, "custom": 32}[args.workload]
     num = args.num_prompts or default_num
