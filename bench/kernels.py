@@ -281,20 +281,8 @@ class Bench:
         out = self.nan(*q.shape)
 
         def run(tiles: tuple[int, int, int] | None = None) -> list[torch.Tensor]:
-            tables, lens = meta.block_tables, meta.seq_lens
-            return [
-                paged_decode_attention(
-                    q,
-                    k_cache,
-                    v_cache,
-                    tables,
-                    lens,
-                    scale,
-                    kv_scales=kv_scales,
-                    tiles=tiles,
-                    out=out,
-                )
-            ]
+            args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+            return [paged_decode_attention(*args, kv_scales=kv_scales, tiles=tiles, out=out)]
 
         def run_ref() -> list[torch.Tensor]:
             return [paged_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales=kv_scales)]
@@ -516,9 +504,9 @@ def main() -> None:
         bench.silu(tokens)
     for name, n, k in shapes.linears if "gemv" in groups else ():
         bench.gemv(name, n, k)
-    for rows, (name, n, k) in itertools.product(shapes.gemm_rows, shapes.linears):
-        if "gemm" in groups:
-            bench.gemm(name, n, k, rows)
+    gemms = itertools.product(shapes.gemm_rows, shapes.linears) if "gemm" in groups else ()
+    for rows, (name, n, k) in gemms:
+        bench.gemm(name, n, k, rows)
     for name, n, k in shapes.linears if "gemv-sweep" in groups else ():
         bench.gemv_sweep(name, n, k)
     print(f"\n{HEADER}")
