@@ -22,6 +22,13 @@ def all_ints(values: Iterable[object]) -> bool:
     return all(map(isinstance, values, itertools.repeat(int)))
 
 
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Raise ValueError naming the first id that is not an int in [0, vocab_size)."""
+    if not (all_ints(ids) and min(ids) >= 0 and max(ids) < vocab_size):
+        bad = next(t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size)
+        raise ValueError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs; every default is documented in config/default.toml."""

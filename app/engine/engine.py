@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import os
@@ -24,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from app.engine.block_manager import BlockManager
 from app.engine.builder import build
-from app.engine.config import EngineConfig, SamplingParams, all_ints
+from app.engine.config import EngineConfig, SamplingParams, check_token_ids
 from app.engine.constraints import accept_token, fill_masks, grammar_rows
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.handoff import Gate, InFlight, Launch, wait_launched
+from app.engine.heap import freeze_startup_heap, release_startup_heap
 from app.engine.outputs import RequestOutput, RequestState, SampleState, TokenLogprob
 from app.engine.scheduler import Scheduler, SequenceUpdate, StepOutput
 from app.engine.sequence import FinishReason, Sequence
@@ -38,9 +38,6 @@ if TYPE_CHECKING:  # xgrammar is imported only when a request uses a grammar
     from app.engine.grammar import CompiledGrammar, GrammarCompiler
 
 log = logging.getLogger("splitfuse.engine")
-
-# Young-generation collections between two full ones while an engine lives (CPython's default: 10).
-FULL_COLLECTION_EVERY = 100
 
 __all__ = ["AsyncEngine", "RequestOutput", "SessionBusyError"]
 
@@ -81,15 +78,8 @@ class AsyncEngine:
         self._queued: InFlight | None = None  # a step scheduled ahead, not yet counted on
         # Launching on the CPU is computing: the loop blocks for launches on CUDA only.
         self._block_for_launch = self.runner.device.type == "cuda"
-        # What start-up made (model, tokenizer, graphs) is kept out of the collector's scans, so
-        # that a full collection while serving stays short, and full collections come a tenth
-        # as often: each still scans every object made since and holds up the next step (four
-        # of 13-25 ms in a 17 s H200 benchmark run, none since). shutdown() restores both.
-        gc.collect()
-        gc.freeze()
-        self._gc_threshold = gc.get_threshold()
-        young, middle, old = self._gc_threshold
-        gc.set_threshold(young, middle, max(old, FULL_COLLECTION_EVERY))
+        # Start-up's objects (model, tokenizer, graphs) out of the collector's way until shutdown.
+        self._gc_threshold = freeze_startup_heap()
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
@@ -137,8 +127,7 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
-        gc.unfreeze()
-        gc.set_threshold(*self._gc_threshold)
+        release_startup_heap(self._gc_threshold)
         if self._trace is not None:
             self._trace.close()
         if self._grammar_compiler is not None:
@@ -159,10 +148,7 @@ class AsyncEngine:
         )
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        vocab = self.info.vocab_size
-        if not (all_ints(prompt_ids) and min(prompt_ids) >= 0 and max(prompt_ids) < vocab):
-            bad = next(t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab)
-            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
+        check_token_ids(prompt_ids, self.info.vocab_size)
         if session_id is None and len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens, but the context is "

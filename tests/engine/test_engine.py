@@ -12,12 +12,8 @@ import pytest
 
 from app.engine.builder import default_max_batch_size
 from app.engine.config import EngineConfig, SamplingParams
-from app.engine.engine import (
-    FULL_COLLECTION_EVERY,
-    AsyncEngine,
-    RequestOutput,
-    SessionBusyError,
-)
+from app.engine.engine import AsyncEngine, RequestOutput, SessionBusyError
+from app.engine.heap import FULL_COLLECTION_EVERY
 
 LONG = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
 
