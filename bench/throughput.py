@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_model_dir, describe_device
 from bench.kernel_profile import KernelProfile
+from bench.stacks import StackSampler
 
 
 @dataclass
@@ -145,14 +146,17 @@ def run_splitfuse(model_dir: Path, requests: list[tuple[list[int], int]], args) 
             for _, n_out in requests
         ]
         profile = KernelProfile() if args.profile else contextlib.nullcontext()
+        stacks = StackSampler() if args.stacks else contextlib.nullcontext()
         _sync()
-        with profile:
+        with profile, stacks:
             start = time.perf_counter()
             outputs = pipe([ids for ids, _ in requests], gen_config=configs)
             _sync()
             seconds = time.perf_counter() - start
         if gaps is not None:
             gaps.report()
+        if args.stacks:
+            stacks.report()
         kernels = profile.report(seconds) if args.profile else None
         max_batch = pipe.engine.config.max_batch_size
         info, stats = pipe.engine.info, pipe.engine.stats()
@@ -240,6 +244,11 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
         "--profile", action="store_true", help="sum the GPU kernels by kind (torch.profiler)"
+    )
+    parser.add_argument(
+        "--stacks",
+        action="store_true",
+        help="sample the threads' Python stacks during the run and print where they wait",
     )
     parser.add_argument(
         "--hf-num-prompts",

@@ -178,7 +178,7 @@ class DecodeGraphs:
     ) -> torch.Tensor | None:
         """Replay the smallest graph that holds a plain decode batch and return its logits
         rows; None (nothing replayed) for any other step. `input_ids` on the device, when
-        given, replace the items' own (a step scheduled ahead of its tokens)."""
+        given, replace the leading items' own (a step scheduled ahead of its tokens)."""
         n = len(items)
         b = next((size for size in self.buckets if size >= n), None)
         if b is None:
@@ -198,7 +198,7 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(self._device_rows[2, :b])
         self.seq_lens[:b].copy_(self._device_rows[3, :b])
         if input_ids is not None:
-            self.input_ids[:n].copy_(input_ids)
+            self.input_ids[: len(input_ids)].copy_(input_ids)
         self._graphs[b].replay()
         return self.logits[:n]
 
@@ -306,9 +306,18 @@ class MixedGraphs:
         self._copied.record()
         return bucket
 
-    def run(self, items: list[ScheduledSequence], num_tokens: int) -> torch.Tensor:
-        """Replay the smallest graph that holds the step; the sampling rows' hidden states."""
+    def run(
+        self,
+        items: list[ScheduledSequence],
+        num_tokens: int,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Replay the smallest graph that holds the step; the sampling rows' hidden states.
+        `input_ids` on the device, when given, replace the leading items' own (decodes of a
+        step scheduled ahead of their tokens, one row each)."""
         bucket = self.stage(items, num_tokens)
+        if input_ids is not None:
+            self._rows[: len(input_ids)].copy_(input_ids)
         self._graphs[bucket].replay()
         return self._hidden[bucket][: sum(item.sample for item in items)]
 

@@ -1,10 +1,10 @@
 """AsyncEngine: the engine loop coroutine, request admission, aborts and output streams.
 
 The loop runs on the caller's asyncio loop: schedule (plain Python), hand the batch to the one
-GPU thread, then turn sampled tokens into text deltas on the loop. While a decode step runs, the
-next one is scheduled and queued behind it when nothing in it waits for the running step's
-tokens (they reach it on the device). A failing step fails the requests it carried, never the
-loop.
+GPU thread, then turn sampled tokens into text deltas on the loop. While a step runs, the next
+one is scheduled and queued behind it when nothing in it waits for the running step's tokens
+(its decodes take theirs on the device; new prompts and chunks need none). A failing step fails
+the requests it carried, never the loop.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from app.engine.block_manager import BlockManager
 from app.engine.builder import build
 from app.engine.config import EngineConfig, SamplingParams, check_token_ids
-from app.engine.constraints import accept_token, fill_masks, grammar_rows
+from app.engine.constraints import accept_token, fill_masks
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.handoff import Gate, InFlight, Launch, wait_launched
+from app.engine.handoff import InFlight, submit, wait_launched
 from app.engine.heap import freeze_startup_heap, release_startup_heap
 from app.engine.outputs import RequestOutput, RequestState, SampleState, TokenLogprob
-from app.engine.scheduler import Scheduler, SequenceUpdate, StepOutput
+from app.engine.scheduler import Scheduler, SequenceUpdate
 from app.engine.sequence import FinishReason, Sequence
 from app.engine.sessions import SessionBusyError, SessionManager
 from app.engine.trace import StepTrace
@@ -265,7 +265,12 @@ class AsyncEngine:
         take that step back if the GPU thread has not started it, so that the request joins the
         next step instead of the one after (one step less to its first token)."""
         step = self._queued
-        if step is not None and self.scheduler.could_admit and step.gate.withdraw():
+        if (
+            step is not None
+            and step.out.admits_arrivals
+            and self.scheduler.could_admit
+            and step.gate.withdraw()
+        ):
             self.scheduler.withdraw_ahead(step.out)
             self._queued = None
 
@@ -334,7 +339,7 @@ class AsyncEngine:
                     self._fail_unschedulable()
                     await asyncio.sleep(0)
                     continue
-                current = self._submit(loop, out, marks)
+                current = submit(self._executor, self.runner, loop, out, marks)
             marks = current.marks
             try:
                 await wait_launched(current, self._block_for_launch)
@@ -345,7 +350,9 @@ class AsyncEngine:
                 if self.config.async_scheduling:
                     nxt = self.scheduler.schedule_ahead(current.out)
                 if nxt is not None:
-                    ahead = self._queued = self._submit(loop, nxt, ahead_marks)
+                    ahead = self._queued = submit(
+                        self._executor, self.runner, loop, nxt, ahead_marks
+                    )
                 if pending:
                     # A sequence this finishes (a stop string) may be in the steps now running:
                     # its blocks are not reused before they end, and its extra tokens are
@@ -386,38 +393,6 @@ class AsyncEngine:
             if self._trace is not None and marks is not None:
                 waiting = len(self.scheduler.waiting)
                 self._trace.step(current.out, marks, current.timing, waiting, len(self._requests))
-
-    def _submit(
-        self, loop: asyncio.AbstractEventLoop, out: Any, marks: dict[str, float] | None
-    ) -> InFlight:
-        """Hand a step to the GPU thread (behind any step it is running)."""
-        if marks is not None:
-            marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
-            marks["submit"] = time.perf_counter()
-        masks = grammar_rows(out)
-        allowed: Future[Any] | None = Future() if masks else None
-        launch = Launch(loop)
-        timing: dict[str, Any] | None = {} if marks is not None else None
-        gate = Gate()
-        running = loop.run_in_executor(
-            self._executor, self._execute, out, allowed, launch, timing, gate
-        )
-        return InFlight(out, running, launch, masks, allowed, marks, timing, gate)
-
-    def _execute(
-        self,
-        out: Any,
-        allowed: Future[Any] | None,
-        launch: Launch,
-        timing: dict[str, Any] | None,
-        gate: Gate,
-    ) -> StepOutput:  # the GPU thread
-        try:
-            if not gate.start():
-                return StepOutput()  # withdrawn: the loop never reads this
-            return self.runner.execute(out, allowed, launch.set, timing)
-        finally:
-            launch.set()  # a step that failed before launching must not hold the loop
 
     def _process(self, updates: list[SequenceUpdate]) -> None:
         """Turn sampled tokens into text (stop strings end sequences here) and hand them out."""

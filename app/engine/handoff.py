@@ -1,17 +1,22 @@
-"""Steps handed from the engine loop to the GPU thread: what is in flight, and the launch signal
-the loop waits on before it does its own work."""
+"""Steps handed from the engine loop to the GPU thread: the handing over, what is in flight, and
+the launch signal the loop waits on before it does its own work."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
-from concurrent.futures import Future
+import time
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from app.engine.constraints import grammar_rows
 from app.engine.scheduler import SchedulerOutput, StepOutput
 from app.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from app.engine.model_runner import ModelRunner
 
 # How long the loop blocks for a launch before it waits asynchronously instead.
 LAUNCH_WAIT_S = 0.05
@@ -77,6 +82,42 @@ class InFlight:
     marks: dict[str, float] | None
     timing: dict[str, Any] | None
     gate: Gate
+
+
+def submit(
+    executor: Executor,
+    runner: ModelRunner,
+    loop: asyncio.AbstractEventLoop,
+    out: SchedulerOutput,
+    marks: dict[str, float] | None,
+) -> InFlight:
+    """Hand a step to the GPU thread (`executor`, behind any step it is running)."""
+    if marks is not None:
+        marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
+        marks["submit"] = time.perf_counter()
+    masks = grammar_rows(out)
+    allowed: Future[Any] | None = Future() if masks else None
+    launch = Launch(loop)
+    timing: dict[str, Any] | None = {} if marks is not None else None
+    gate = Gate()
+    running = loop.run_in_executor(executor, _execute, runner, out, allowed, launch, timing, gate)
+    return InFlight(out, running, launch, masks, allowed, marks, timing, gate)
+
+
+def _execute(
+    runner: ModelRunner,
+    out: SchedulerOutput,
+    allowed: Future[Any] | None,
+    launch: Launch,
+    timing: dict[str, Any] | None,
+    gate: Gate,
+) -> StepOutput:  # the GPU thread
+    try:
+        if not gate.start():
+            return StepOutput()  # withdrawn: the loop never reads this
+        return runner.execute(out, allowed, launch.set, timing)
+    finally:
+        launch.set()  # a step that failed before launching must not hold the loop
 
 
 async def wait_launched(step: InFlight, block: bool) -> None:

@@ -83,15 +83,17 @@ class ModelRunner:
         return None if self.graphs is None else self.graphs.run(out.scheduled, input_ids)
 
     def _ahead_input_ids(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """A step scheduled ahead takes its input ids from the previous step's samples, which
-        never went through the host."""
+        """A step scheduled ahead takes its leading decodes' input ids from the previous step's
+        samples, which never went through the host."""
         if out.ahead_rows is None:
             return None
         if self._last_tokens is None:
             raise RuntimeError("a step scheduled ahead must follow a sampling step")
         return self._last_tokens.index_select(0, self._tensor(out.ahead_rows, torch.int64))
 
-    def _mixed_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _mixed_logits(
+        self, out: SchedulerOutput, ahead_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Logits of the sampling rows from a mixed-step graph, or None when the step does not
         fit one (too many tokens, or prompt logprobs, which need logits of every row)."""
         graphs = self.mixed_graphs
@@ -104,7 +106,7 @@ class ModelRunner:
             item.seq.params.prompt_logprobs for item in items
         ):
             return None
-        return self.model.compute_logits(graphs.run(items, num_tokens))
+        return self.model.compute_logits(graphs.run(items, num_tokens, ahead_ids))
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
@@ -176,14 +178,14 @@ class ModelRunner:
         ahead_ids = self._ahead_input_ids(out)
         kind = "decode"
         logits = self._graph_logits(out, ahead_ids)
-        if logits is None and ahead_ids is None:
+        if logits is None:
             kind = "mixed"
-            logits = self._mixed_logits(out)
+            logits = self._mixed_logits(out, ahead_ids)
         if logits is None:
             kind = "eager"
             inp = self.prepare(out)
-            if ahead_ids is not None:
-                inp.input_ids.copy_(ahead_ids)
+            if ahead_ids is not None:  # the leading decodes' tokens, one row each
+                inp.input_ids[: len(ahead_ids)].copy_(ahead_ids)
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
             logits = self.model.compute_logits(hidden[inp.logit_rows])
         if launched is not None:

@@ -50,9 +50,12 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     released_seq_ids: list[int] = field(default_factory=list)  # finished since the last step
-    # A step scheduled ahead (`Scheduler.schedule_ahead`): row i's input token is the one the
-    # previous step sampled in its row ahead_rows[i], still on the device.
+    # A step scheduled ahead (`Scheduler.schedule_ahead`): the input token of its leading
+    # decode i is the one the previous step sampled in its row ahead_rows[i], on the device.
     ahead_rows: list[int] | None = None
+    # Scheduled ahead with budget and a batch slot to spare: a request arriving before the step
+    # starts would have joined it (the engine then withdraws the step and schedules it again).
+    admits_arrivals: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -213,47 +216,83 @@ class Scheduler:
         return out
 
     def schedule_ahead(self, out: SchedulerOutput) -> SchedulerOutput | None:
-        """The decode step after `out`, scheduled while `out` still runs, before its tokens are
-        known: every sequence advances by the token `out` is sampling now. Only when `out`
-        decodes every running sequence, no waiting request could be admitted, and no sampling
-        depends on `out`'s token (grammar, penalties, bad words, min_tokens) and no session is
-        involved; otherwise None and the next step is scheduled once the tokens arrive. A
-        sequence that `out` ends by length is left out; one that `out` ends otherwise (eos, a
-        stop) computes one token too many, which `update` drops."""
+        """The step after `out`, scheduled while `out` still runs, before its tokens are known,
+        as `schedule` would make it: each sequence that `out` samples decodes the token being
+        sampled now (it reaches the step on the device: `ahead_rows`), prompt chunks that `out`
+        leaves unfinished go on, and waiting requests join with what is left of the budget.
+
+        Only when `out` carries every running sequence, no sampling depends on `out`'s token
+        (grammar, penalties, bad words, min_tokens, sessions), the blocks are there without
+        preempting anyone, and the head of the queue needs no running step's KV (a sibling
+        sample, a session turn); otherwise None, and the next step is scheduled once the
+        tokens arrive. A sequence that `out` ends by length is left out; one that `out` ends
+        otherwise (eos, a stop) computes one token too many, which `update` drops."""
         items = out.scheduled
-        if not items or len(items) != len(self.running) or self.could_admit:
+        if not items or len(items) != len(self.running):
             return None
-        rows: list[int] = []
-        for row, item in enumerate(items):
+        decodes: list[tuple[ScheduledSequence, int]] = []  # (item, its sampling row in `out`)
+        chunks: list[ScheduledSequence] = []
+        leaving = 0
+        sample_rows = itertools.count()
+        for item in items:
             seq = item.seq
-            if item.num_new_tokens != 1 or not item.sample or not _independent(seq):
-                return None
             if seq.status is not SequenceStatus.RUNNING:
                 return None  # aborted or finished while `out` runs
+            if not item.sample:
+                chunks.append(item)
+                continue
+            row = next(sample_rows)
+            if not _independent(seq):
+                return None
             if (
                 seq.num_output_tokens + 1 < seq.params.max_new_tokens
                 and seq.num_tokens + 1 < self.max_model_len
             ):
-                rows.append(row)
-        if not rows:
+                decodes.append((item, row))
+            else:
+                leaving += 1
+        # (sequence, first position, its tokens, sample) of the decodes, then of the chunks; a
+        # decode's token is a placeholder for the one on the device.
+        plans = [(it.seq, it.start_pos + it.num_new_tokens, [0], True) for it, _ in decodes]
+        budget = self.max_num_batched_tokens - len(plans)
+        for item in chunks:
+            if budget == 0:
+                break
+            start = item.start_pos + item.num_new_tokens
+            remaining = item.seq.num_tokens - start
+            n = min(remaining, budget)
+            plans.append(
+                (item.seq, start, item.seq.token_ids_slice(start, start + n), n == remaining)
+            )
+            budget -= n
+        head = self.waiting[0] if self.waiting else None
+        slots = self.max_batch_size - len(self.running) + leaving
+        if head is not None and budget > 0 and slots > 0 and not _plain(head):
             return None
         bm = self.block_manager
-        seqs = [items[row].seq for row in rows]
-        # `out` computes position num_computed_tokens, the step ahead the one after it.
         needed = sum(
-            max(0, bm.blocks_needed(s.num_computed_tokens + 2) - len(s.block_table)) for s in seqs
+            max(0, bm.blocks_needed(start + len(tokens)) - len(seq.block_table))
+            for seq, start, tokens, _ in plans
         )
         if needed > bm.num_free_blocks:
             return None
-        ahead = SchedulerOutput(released_seq_ids=self._released, ahead_rows=rows)
-        self._released = []
-        for seq in seqs:
-            bm.allocate(seq, 2)
-            ahead.scheduled.append(
-                ScheduledSequence(
-                    seq, 1, seq.num_computed_tokens + 1, [0], tuple(seq.block_table), True
-                )
+        planned: dict[int, ScheduledSequence] = {}
+        for seq, start, tokens, sample in plans:
+            n = len(tokens)
+            bm.allocate(seq, start + n - seq.num_computed_tokens)
+            planned[seq.seq_id] = ScheduledSequence(
+                seq, n, start, tokens, tuple(seq.block_table), sample
             )
+        budget = self._admit_waiting(planned, budget, leaving=leaving, ahead=True)
+        if not planned:
+            return None
+        ahead = SchedulerOutput(
+            list(planned.values()), self._released, [row for _, row in decodes] or None
+        )
+        ahead.admits_arrivals = (
+            not self.waiting and budget > 0 and len(self.running) - leaving < self.max_batch_size
+        )
+        self._released = []
         return ahead
 
     def withdraw_ahead(self, ahead: SchedulerOutput) -> None:
@@ -267,10 +306,22 @@ class Scheduler:
         """Whether a waiting request might join the running batch now."""
         return bool(self.waiting) and len(self.running) < self.max_batch_size
 
-    def _admit_waiting(self, planned: dict[int, ScheduledSequence], budget: int) -> int:
+    def _admit_waiting(
+        self,
+        planned: dict[int, ScheduledSequence],
+        budget: int,
+        leaving: int = 0,
+        ahead: bool = False,
+    ) -> int:
+        """Move waiting sequences into `planned` while the budget and the batch allow; return
+        the budget left. `leaving`: running sequences that end before the step runs. `ahead`
+        (a step scheduled ahead of the running one): stop at a sequence that is not `_plain`."""
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
-            seq = self.waiting.popleft()
+        while self.waiting and budget > 0 and len(self.running) - leaving < self.max_batch_size:
+            seq = self.waiting[0]
+            if ahead and not _plain(seq):
+                break
+            self.waiting.popleft()
             parent = seq.parent
             if (
                 parent is not None
@@ -372,6 +423,12 @@ class Scheduler:
         ):
             return FinishReason.LENGTH
         return None
+
+
+def _plain(seq: Sequence) -> bool:
+    """Whether `seq` can be admitted into a step scheduled ahead: it starts from nothing that a
+    running step computes (a sibling's prompt, a session's history)."""
+    return seq.parent is None and seq.session_id is None
 
 
 def _independent(seq: Sequence) -> bool:

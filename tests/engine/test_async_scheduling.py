@@ -1,6 +1,7 @@
 """Steps scheduled ahead of their predecessor's tokens give exactly the tokens of the plain
-order: greedy and seeded sampling, length limits, stop tokens and sequences ending mid-batch;
-a request that arrives takes back a queued step so that it joins the next one."""
+order: greedy and seeded sampling, length limits, stop tokens, sequences ending mid-batch, and
+prompts admitted or chunked in a step ahead; a request that arrives takes back a queued step
+so that it joins the next one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import AsyncEngine
 from app.engine.handoff import Gate
+from app.engine.scheduler import SchedulerOutput
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +26,18 @@ def engine(tiny_model_dir: Path) -> AsyncEngine:
 
 def generate_all(
     engine: AsyncEngine, requests: list[tuple[list[int], SamplingParams]], ahead: bool
-) -> tuple[list[list[int]], int]:
-    """Every request's tokens, and how many steps were scheduled ahead."""
+) -> tuple[list[list[int]], list[SchedulerOutput]]:
+    """Every request's tokens, and the steps that were scheduled ahead (from a cold prefix
+    cache, so that both orders do the same work)."""
+    engine.block_manager.reset_prefix_cache()
     scheduler = engine.scheduler
     original = scheduler.schedule_ahead
-    count = 0
+    steps: list[SchedulerOutput] = []
 
     def counted(out):  # type: ignore[no-untyped-def]
-        nonlocal count
         nxt = original(out) if ahead else None
-        count += nxt is not None
+        if nxt is not None:
+            steps.append(nxt)
         return nxt
 
     scheduler.schedule_ahead = counted  # type: ignore[method-assign]
@@ -51,7 +55,7 @@ def generate_all(
             await engine.stop()
 
     try:
-        return asyncio.run(main()), count
+        return asyncio.run(main()), steps
     finally:
         scheduler.schedule_ahead = original  # type: ignore[method-assign]
 
@@ -67,7 +71,7 @@ def test_ahead_matches_the_plain_order(engine: AsyncEngine) -> None:
     requests = [(list(range(10 + i, 40 + 3 * i)), p) for i, p in enumerate(greedy + seeded)]
     plain, none_ahead = generate_all(engine, requests, ahead=False)
     overlapped, ahead = generate_all(engine, requests, ahead=True)
-    assert none_ahead == 0 and ahead > 10
+    assert not none_ahead and len(ahead) > 10
     assert overlapped == plain
     assert [len(t) for t in plain] == [3, 9, 20, 33, 25, 25]
 
@@ -84,7 +88,7 @@ def test_a_stop_token_ends_the_sequence_at_the_same_place(engine: AsyncEngine) -
     requests = [(prompt, params), (list(range(90, 100)), longer)]
     plain, _ = generate_all(engine, requests, ahead=False)
     overlapped, ahead = generate_all(engine, requests, ahead=True)
-    assert ahead > 0
+    assert ahead
     assert overlapped == plain
     assert overlapped[0] == free[: free.index(stop) + 1]
     assert len(overlapped[1]) == 40
@@ -99,7 +103,27 @@ def test_sampling_that_reads_the_history_is_not_scheduled_ahead(engine: AsyncEng
         plain, _ = generate_all(engine, [(list(range(5, 25)), params)], ahead=False)
         overlapped, ahead = generate_all(engine, [(list(range(5, 25)), params)], ahead=True)
         assert overlapped == plain
-        assert ahead == 0
+        assert not ahead
+
+
+def test_prompts_admitted_and_chunked_ahead_match_the_plain_order(engine: AsyncEngine) -> None:
+    """Prompts longer than the step budget (256) go on in steps scheduled ahead, and requests
+    that could not join the first step join steps ahead, the running decodes' tokens arriving
+    on the device meanwhile."""
+    requests = [
+        (
+            [(37 * i + 11 * j) % 40000 + 100 for j in range(60 + 97 * i)],
+            SamplingParams(max_new_tokens=6 + 3 * i, temperature=0.0, ignore_eos=True),
+        )
+        for i in range(8)
+    ]
+    plain, _ = generate_all(engine, requests, ahead=False)
+    overlapped, ahead = generate_all(engine, requests, ahead=True)
+    assert overlapped == plain
+    assert [len(t) for t in plain] == [6 + 3 * i for i in range(8)]
+    mixed = [out for out in ahead if out.ahead_rows and len(out.scheduled) > len(out.ahead_rows)]
+    assert any(item.start_pos == 0 for out in mixed for item in out.scheduled)
+    assert any(item.num_new_tokens > 1 for out in mixed for item in out.scheduled)
 
 
 def test_a_request_arriving_takes_back_the_queued_step(engine: AsyncEngine) -> None:
