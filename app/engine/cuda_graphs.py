@@ -148,7 +148,8 @@ class DecodeGraphs:
         self._device_rows = torch.zeros((4, b), dtype=torch.int64, device=device)
         # Every graph writes its logits into rows of this one buffer: outputs kept per graph
         # would hold (sum of bucket sizes) x vocab floats, gigabytes at large batches.
-        self.logits = torch.empty((b, model.spec.vocab_size), dtype=torch.float32, device=device)
+        dtype = model.model.embed_tokens.weight.dtype
+        self.logits = torch.empty((b, model.spec.vocab_size), dtype=dtype, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _meta(self, b: int) -> AttentionMetadata:

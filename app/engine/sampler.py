@@ -50,21 +50,23 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None
     ) -> SamplerOutput:
-        raw = logits.float()
-        processed = self._process(raw, rows, allowed)
+        """`logits` in any float dtype: what is transformed is widened to float32 first, and a
+        greedy row's argmax is the same in both (the widening is exact)."""
+        processed = self._process(logits, rows, allowed)
         token_ids = processed.argmax(dim=-1)
         sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled_rows:
-            index = torch.tensor(sampled_rows, device=raw.device)
-            token_ids[index] = _sample(processed[index], [rows[i] for i in sampled_rows])
-        output = _output(raw, token_ids, rows)
+            index = torch.tensor(sampled_rows, device=logits.device)
+            token_ids[index] = _sample(processed[index].float(), [rows[i] for i in sampled_rows])
+        output = _output(logits, token_ids, rows)
         output.device_ids = token_ids
         return output
 
     def _process(
         self, logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None
     ) -> torch.Tensor:
-        """Bias, bans, penalties and the grammar mask; `logits` itself comes back if none apply."""
+        """Bias, bans, penalties and the grammar mask, in float32; `logits` itself comes back if
+        none apply."""
         vocab = logits.shape[1]
         bias = [
             (i, tok, value)
@@ -84,7 +86,7 @@ class Sampler:
         if not (bias or bans or repetition or additive) and allowed is None:
             return logits
 
-        out = logits.clone()
+        out = logits.to(torch.float32, copy=True)
         device = logits.device
         if bias:
             i, tok, value = zip(*bias, strict=True)
@@ -295,7 +297,7 @@ def _output(raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow])
         return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
 
     idx = torch.tensor(asked, device=raw.device)
-    log_probs = raw[idx].log_softmax(dim=-1)
+    log_probs = raw[idx].float().log_softmax(dim=-1)
     chosen = log_probs.gather(1, token_ids[idx][:, None])[:, 0]
     k = max(rows[i].params.logprobs or 0 for i in asked)
     top_values, top_ids = log_probs.topk(k, dim=-1)

@@ -303,3 +303,39 @@ def test_costliest_rows_sample_through_every_transform() -> None:
     out = Sampler()(logits, costliest_rows(3, 4))
     assert len(out.token_ids) == 3 and 0 not in out.token_ids
     assert all(top is not None and len(top) == 4 for top in out.top_logprobs)
+
+
+def test_bfloat16_logits_sample_as_their_float32_widening() -> None:
+    # The model hands over its own dtype; everything the sampler transforms is widened first.
+    rng = random.Random(3)
+    vocab = 300
+    logits = torch.randn(12, vocab, generator=torch.Generator().manual_seed(2)).bfloat16()
+    logits[0, :5] = 4.0  # a tie: the first index wins either way
+
+    def rows() -> list[SamplingRow]:
+        generated = [
+            make_row(random_params(random.Random(i), vocab), prompt=(1, 2), output=(3, 4), seed=i)
+            for i in range(8)
+        ]
+        extra = [
+            make_row(SamplingParams(temperature=0.0)),
+            make_row(SamplingParams(temperature=0.0, logprobs=3)),
+            make_row(SamplingParams(temperature=0.9, top_k=7, top_p=0.8), seed=rng.randrange(99)),
+            make_row(SamplingParams(temperature=1.2, min_p=0.1, logprobs=2), seed=5),
+        ]
+        return [*generated, *extra]
+
+    allowed = torch.rand(12, vocab, generator=torch.Generator().manual_seed(4)) < 0.5
+    state = rng.getstate()
+    narrow = Sampler()(logits, rows(), allowed)
+    rng.setstate(state)
+    wide = Sampler()(logits.float(), rows(), allowed)
+    assert narrow.token_ids == wide.token_ids
+    assert narrow.logprobs == wide.logprobs and narrow.top_logprobs == wide.top_logprobs
+    # Rows that only sample (no processor applies, so the logits come through untouched).
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    narrow = Sampler()(logits, [make_row(params, seed=i) for i in range(12)])
+    wide = Sampler()(logits.float(), [make_row(params, seed=i) for i in range(12)])
+    assert narrow.token_ids == wide.token_ids
+    plain = Sampler()(logits, [make_row(SamplingParams(temperature=0.0))] * 12)
+    assert plain.token_ids == logits.float().argmax(dim=-1).tolist() and plain.token_ids[0] == 0

@@ -361,11 +361,13 @@ class DecoderForCausalLM(nn.Module):
         return self.model.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits `[N, vocab]` for the selected hidden rows, written into `out` when
-        given (the float32 conversion is a copy either way)."""
+        """Logits `[N, vocab]` of the selected hidden rows in the model's dtype (the sampler
+        widens what it transforms), written into `out` when given."""
         head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        logits = linear(hidden, head)
-        return logits.float() if out is None else out.copy_(logits)
+        if out is None or hidden.shape[0] == 1:
+            logits = linear(hidden, head)
+            return logits if out is None else out.copy_(logits)
+        return torch.mm(hidden, head.t(), out=out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (and cast) checkpoint tensors into the parameters; every parameter must be
