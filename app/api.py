@@ -6,9 +6,9 @@ import asyncio
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.chat_template import ChatTemplate
 from app.engine.config import EngineConfig, GenerationConfig, SamplingParams, all_ints
@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from app.engine.grammar import CompiledGrammar
 
 Prompt = str | list[dict[str, Any]] | list[int]  # text, messages or token ids
+T = TypeVar("T")
+
+# Requests started before the engine loop gets a turn: it starts stepping on the first ones
+# while the rest of a large batch is admitted (a thousand prompts take tens of milliseconds).
+ADMIT_BATCH = 32
 
 
 @dataclass
@@ -159,7 +164,7 @@ class Pipeline:
                     queue.put_nowait(_response(out, len(request.ids), index))
 
             try:
-                await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+                await _staggered(one(i, r) for i, r in enumerate(requests))
             finally:
                 queue.put_nowait(None)
 
@@ -193,7 +198,7 @@ class Pipeline:
             return -math.fsum(logprobs) / len(logprobs)
 
         async def run_all() -> list[float]:
-            return list(await asyncio.gather(*(one(ids) for ids in batch)))
+            return await _staggered(one(ids) for ids in batch)
 
         losses = self._run(run_all())
         return losses[0] if single else losses
@@ -204,7 +209,7 @@ class Pipeline:
             stream = request.generate(self.engine, stream=False)
             return await _collect(stream, len(request.ids), index)
 
-        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+        return await _staggered(one(i, r) for i, r in enumerate(requests))
 
     def _run(self, coro: Any) -> Any:
         if not self._loop.is_running():
@@ -223,6 +228,21 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _staggered(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """`asyncio.gather`, letting the loop (the engine) run after every ADMIT_BATCH starts."""
+    tasks: list[asyncio.Future[T]] = []
+    try:
+        for i, coro in enumerate(coros, 1):
+            tasks.append(asyncio.ensure_future(coro))
+            if i % ADMIT_BATCH == 0:
+                await asyncio.sleep(0)
+        return list(await asyncio.gather(*tasks))
+    except BaseException:  # cancelled, or a request failed: none of the others goes on
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def _logprob_dicts(logprobs: list[TokenLogprob] | None) -> list[dict[int, float]] | None:

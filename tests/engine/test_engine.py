@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from app import GenerationConfig, pipeline
+from app.api import ADMIT_BATCH
 from app.engine.builder import default_max_batch_size
 from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import AsyncEngine, RequestOutput, SessionBusyError
@@ -63,6 +65,24 @@ def test_engine_defers_full_collections_until_shutdown(tiny_model_dir: Path) -> 
         eng.shutdown()
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_a_large_batch_starts_stepping_while_it_is_admitted(tiny_model_dir: Path) -> None:
+    # The pipeline lets the engine loop run between groups of admissions: the first step does
+    # not wait for a thousand prompts to be checked into the engine.
+    with pipeline(str(tiny_model_dir), backend_config=EngineConfig(block_size=16)) as pipe:
+        runner, execute = pipe.engine.runner, pipe.engine.runner.execute
+        admitted: list[int] = []
+
+        def counted(out, *args):  # type: ignore[no-untyped-def]
+            admitted.append(pipe.engine.num_requests)
+            return execute(out, *args)
+
+        runner.execute = counted
+        prompts = [[100 + i, 200 + i, 300 + i] for i in range(8 * ADMIT_BATCH)]
+        results = pipe(prompts, gen_config=GenerationConfig(max_new_tokens=2, ignore_eos=True))
+    assert admitted[0] < len(prompts)
+    assert [r.generate_token_len for r in results] == [2] * len(prompts)
 
 
 def test_session_turns_prefill_only_new_tokens(engine: AsyncEngine) -> None:
