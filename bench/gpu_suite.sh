@@ -10,6 +10,8 @@
 #   bash bench/gpu_suite.sh profile  where the GPU time goes: batch-1 and both workloads with their
 #                                    kernels summed by kind, the GEMV and decode-attention
 #                                    launch-setting sweeps, cuBLAS rates (~9 min)
+#   bash bench/gpu_suite.sh budget   both workloads at step budgets (max_prefill_token_num)
+#                                    BUDGETS (default 4096 8192 16384) (~8 min)
 # Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,5 +98,17 @@ case "${1:-quick}" in
     done
     python bench/kernels.py --only gemv-sweep,gemm 2>&1 | grep -v "^kernel\|^$" | tail -40
     python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$" | tail -40
+    ;;
+  budget)
+    # A smaller budget puts more decode rows beside the prompts of each admission step, a larger
+    # one admits in fewer, longer steps.
+    for workload in mixed random-256; do
+      for budget in ${BUDGETS:-4096 8192 16384}; do
+        echo "== $workload, max_prefill_token_num $budget"
+        python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 --skip-hf \
+          --workload $workload --max-prefill-token-num "$budget" \
+          --json "$out/tp-8b-$workload-b$budget.json" 2>&1 | grep -i "idle\|^splitfuse  "
+      done
+    done
     ;;
 esac

@@ -262,8 +262,9 @@ class AsyncEngine:
 
     def _withdraw_ahead(self) -> None:
         """A request that arrives while a step waits, scheduled ahead, behind the running one:
-        take that step back if the GPU thread has not started it, so that the request joins the
-        next step instead of the one after (one step less to its first token)."""
+        take that step back if it had room for the request and the GPU thread has not started
+        it, so that the request joins the next step instead of the one after (one step less to
+        its first token)."""
         step = self._queued
         if (
             step is not None

@@ -298,7 +298,8 @@ class Scheduler:
     def withdraw_ahead(self, ahead: SchedulerOutput) -> None:
         """Forget a step from `schedule_ahead` that will not run: the sequences it would have
         released are released by the next step instead. The blocks it allocated stay with their
-        sequences, which fill them in the next steps."""
+        sequences, which fill them in the next steps; the requests it admitted stay running, and
+        the next step takes up their prompts."""
         self._released[:0] = ahead.released_seq_ids
 
     @property

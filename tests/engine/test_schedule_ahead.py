@@ -1,6 +1,7 @@
 """Steps scheduled ahead of their predecessor's tokens, driven by a fake device that computes
 like a model (each sample depends on every token in the sequence's KV): decodes, unfinished
-prompt chunks and new arrivals in the step ahead give exactly the tokens of the plain order."""
+prompt chunks and new arrivals in the step ahead give exactly the tokens of the plain order,
+also when some of those steps are taken back before they run."""
 
 from __future__ import annotations
 
@@ -82,9 +83,12 @@ def make_requests(seed: int) -> list[list[Sequence]]:
     return requests
 
 
-def drive(sched: Scheduler, requests: list[list[Sequence]], ahead: bool) -> list[SchedulerOutput]:
+def drive(
+    sched: Scheduler, requests: list[list[Sequence]], ahead: bool, withdraw_every: int = 0
+) -> list[SchedulerOutput]:
     """The engine loop's order: schedule the next step while the current one runs, then update.
-    Request k arrives before step k. Returns the steps that were scheduled ahead."""
+    Request k arrives before step k; with `withdraw_every` n, every n-th step scheduled ahead is
+    taken back before it runs (as when a request arrives). Returns the steps that ran ahead."""
     device = FakeDevice()
     pending = list(requests)
     scheduled_ahead: list[SchedulerOutput] = []
@@ -99,6 +103,9 @@ def drive(sched: Scheduler, requests: list[list[Sequence]], ahead: bool) -> list
             out = sched.schedule()
             assert out, "nothing runs although work waits"
         nxt = sched.schedule_ahead(out) if ahead else None
+        if nxt is not None and withdraw_every and steps % withdraw_every == 0:
+            sched.withdraw_ahead(nxt)
+            nxt = None
         sched.update(out, device.run(out))
         if nxt is not None:
             scheduled_ahead.append(nxt)
@@ -109,14 +116,17 @@ def drive(sched: Scheduler, requests: list[list[Sequence]], ahead: bool) -> list
     return scheduled_ahead
 
 
+@pytest.mark.parametrize("withdraw_every", [0, 3])
 @pytest.mark.parametrize("num_blocks", [64, 14])  # 14: requests are preempted
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_steps_ahead_give_the_tokens_of_the_plain_order(num_blocks: int, seed: int) -> None:
+def test_steps_ahead_give_the_tokens_of_the_plain_order(
+    num_blocks: int, seed: int, withdraw_every: int
+) -> None:
     plain_requests, ahead_requests = make_requests(seed), make_requests(seed)
     plain = make_scheduler(num_blocks)
     assert not drive(plain, plain_requests, ahead=False)
     sched = make_scheduler(num_blocks)
-    steps = drive(sched, ahead_requests, ahead=True)
+    steps = drive(sched, ahead_requests, ahead=True, withdraw_every=withdraw_every)
 
     def outputs(requests: list[list[Sequence]]) -> list[tuple[list[int], str | None]]:
         return [(s.output_ids, s.finish_reason) for seqs in requests for s in seqs]
