@@ -12,6 +12,11 @@
 #                                    launch-setting sweeps, cuBLAS rates (~9 min)
 #   bash bench/gpu_suite.sh budget   both workloads at step budgets (max_prefill_token_num)
 #                                    BUDGETS (default 4096 8192 16384) (~8 min)
+#   AB_BASE=DIR bash bench/gpu_suite.sh ab
+#                                    this tree against the one in DIR (e.g. from `git archive`),
+#                                    alternating, REPEATS (2) times per WORKLOADS (mixed
+#                                    random-256): machines differ by 1-2%, so changes are
+#                                    compared inside one call only (~6 min)
 # Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +103,18 @@ case "${1:-quick}" in
     done
     python bench/kernels.py --only gemv-sweep,gemm 2>&1 | grep -v "^kernel\|^$" | tail -40
     python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$" | tail -40
+    ;;
+  ab)
+    here=$(pwd)
+    for workload in ${WORKLOADS:-mixed random-256}; do
+      for i in $(seq "${REPEATS:-2}"); do
+        for tree in "${AB_BASE:?AB_BASE names the tree to compare with}" "$here"; do
+          echo "== $workload, run $i, $([ "$tree" = "$here" ] && echo this tree || echo "$tree")"
+          (cd "$tree" && python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 \
+            --skip-hf --workload "$workload" 2>&1 | grep -i "idle\|^splitfuse  ")
+        done
+      done
+    done
     ;;
   budget)
     # A smaller budget puts more decode rows beside the prompts of each admission step, a larger
