@@ -6,8 +6,11 @@ so that it joins the next one."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -15,6 +18,8 @@ from app.engine.config import EngineConfig, SamplingParams
 from app.engine.engine import AsyncEngine
 from app.engine.handoff import Gate
 from app.engine.scheduler import SchedulerOutput
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +129,69 @@ def test_prompts_admitted_and_chunked_ahead_match_the_plain_order(engine: AsyncE
     mixed = [out for out in ahead if out.ahead_rows and len(out.scheduled) > len(out.ahead_rows)]
     assert any(item.start_pos == 0 for out in mixed for item in out.scheduled)
     assert any(item.num_new_tokens > 1 for out in mixed for item in out.scheduled)
+
+
+async def collect_tokens(
+    engine: AsyncEngine, ids: list[int], params: SamplingParams, grammar: object
+) -> list[int]:
+    stream = engine.generate(ids, params, grammar=grammar)  # type: ignore[arg-type]
+    return [token async for out in stream for token in out.token_ids]
+
+
+async def stopping(engine: AsyncEngine, body: Awaitable[T]) -> T:
+    """`body`'s result, the engine loop stopped afterwards (it lives on this asyncio loop)."""
+    try:
+        return await body
+    finally:
+        await engine.stop()
+
+
+def test_a_grammar_request_admitted_ahead_samples_under_its_mask(engine: AsyncEngine) -> None:
+    """A constrained request that waits while a plain one fills the first step (its 256 prompt
+    tokens are the whole budget) joins the step scheduled ahead; its first token, sampled there,
+    already obeys the grammar, and every token is the one the plain order gives."""
+    from app.engine.grammar_spec import GrammarSpec
+
+    compiled = engine.grammar_compiler.compile_sync(GrammarSpec.for_regex("[ab]+"))
+    plain_params = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
+    # Without the mask the bias would make token 1234 the answer every step.
+    constrained = SamplingParams(
+        max_new_tokens=8, temperature=0.0, ignore_eos=True, logit_bias=((1234, 100.0),)
+    )
+
+    def run_both(ahead: bool) -> tuple[list[list[int]], list[SchedulerOutput]]:
+        engine.block_manager.reset_prefix_cache()
+        scheduler = engine.scheduler
+        original = scheduler.schedule_ahead
+        steps: list[SchedulerOutput] = []
+
+        def counted(out):  # type: ignore[no-untyped-def]
+            nxt = original(out) if ahead else None
+            if nxt is not None:
+                steps.append(nxt)
+            return nxt
+
+        async def main() -> list[list[int]]:
+            return await asyncio.gather(
+                collect_tokens(engine, list(range(300, 556)), plain_params, None),
+                collect_tokens(engine, [100, 101, 102], constrained, compiled),
+            )
+
+        scheduler.schedule_ahead = counted  # type: ignore[method-assign]
+        try:
+            return asyncio.run(stopping(engine, main())), steps
+        finally:
+            scheduler.schedule_ahead = original  # type: ignore[method-assign]
+
+    plain, _ = run_both(ahead=False)
+    overlapped, steps = run_both(ahead=True)
+    assert overlapped == plain
+    assert re.fullmatch("[ab]+", engine.tokenizer.decode(overlapped[1]))
+    first = steps[0].scheduled
+    assert [(item.start_pos, item.num_new_tokens, item.sample) for item in first] == [
+        (256, 1, True),  # the plain request's first decode, its token on the device
+        (0, 3, True),  # the constrained request, admitted and sampled under its mask
+    ]
 
 
 def test_a_request_arriving_takes_back_the_queued_step(engine: AsyncEngine) -> None:
