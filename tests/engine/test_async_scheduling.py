@@ -194,6 +194,41 @@ def test_a_grammar_request_admitted_ahead_samples_under_its_mask(engine: AsyncEn
     ]
 
 
+def test_prompt_logprobs_of_chunks_scheduled_ahead(engine: AsyncEngine) -> None:
+    """A 600-token prompt in chunks of the 256-token budget, the later chunks scheduled ahead:
+    the prompt's logprobs are those of the plain order, one per token after the first."""
+    params = SamplingParams(max_new_tokens=2, temperature=0.0, prompt_logprobs=True)
+    prompt = [(7 * j) % 30000 + 100 for j in range(600)]
+
+    def prompt_logprobs(ahead: bool) -> tuple[list[float], int]:
+        engine.block_manager.reset_prefix_cache()
+        scheduler = engine.scheduler
+        original = scheduler.schedule_ahead
+        count = 0
+
+        def counted(out):  # type: ignore[no-untyped-def]
+            nonlocal count
+            nxt = original(out) if ahead else None
+            count += nxt is not None
+            return nxt
+
+        async def main() -> list[float]:
+            outputs = [out async for out in engine.generate(prompt, params, stream=False)]
+            return outputs[-1].prompt_logprobs or []
+
+        scheduler.schedule_ahead = counted  # type: ignore[method-assign]
+        try:
+            return asyncio.run(stopping(engine, main())), count
+        finally:
+            scheduler.schedule_ahead = original  # type: ignore[method-assign]
+
+    plain, _ = prompt_logprobs(ahead=False)
+    overlapped, ahead = prompt_logprobs(ahead=True)
+    assert ahead >= 2
+    assert len(plain) == len(prompt) - 1
+    assert overlapped == pytest.approx(plain, abs=1e-5)
+
+
 def test_a_request_arriving_takes_back_the_queued_step(engine: AsyncEngine) -> None:
     """While step k runs with step k+1 queued ahead of it, a new request withdraws k+1 and is
     prefilled in the next step rather than the one after; nobody's tokens change."""
