@@ -6,9 +6,10 @@ so that it joins the next one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,40 +30,53 @@ def engine(tiny_model_dir: Path) -> AsyncEngine:
     eng.shutdown()
 
 
-def generate_all(
-    engine: AsyncEngine, requests: list[tuple[list[int], SamplingParams]], ahead: bool
-) -> tuple[list[list[int]], list[SchedulerOutput]]:
-    """Every request's tokens, and the steps that were scheduled ahead (from a cold prefix
-    cache, so that both orders do the same work)."""
+@contextlib.contextmanager
+def recording_ahead(engine: AsyncEngine, ahead: bool) -> Iterator[list[SchedulerOutput]]:
+    """The steps scheduled ahead inside the block (none without `ahead`), from a cold prefix
+    cache so that both orders do the same work."""
     engine.block_manager.reset_prefix_cache()
     scheduler = engine.scheduler
     original = scheduler.schedule_ahead
     steps: list[SchedulerOutput] = []
 
-    def counted(out):  # type: ignore[no-untyped-def]
+    def recorded(out):  # type: ignore[no-untyped-def]
         nxt = original(out) if ahead else None
         if nxt is not None:
             steps.append(nxt)
         return nxt
 
-    scheduler.schedule_ahead = counted  # type: ignore[method-assign]
-
-    async def one(ids: list[int], params: SamplingParams) -> list[int]:
-        tokens: list[int] = []
-        async for out in engine.generate(ids, params):
-            tokens += out.token_ids
-        return tokens
-
-    async def main() -> list[list[int]]:
-        try:
-            return await asyncio.gather(*(one(ids, p) for ids, p in requests))
-        finally:
-            await engine.stop()
-
+    scheduler.schedule_ahead = recorded  # type: ignore[method-assign]
     try:
-        return asyncio.run(main()), steps
+        yield steps
     finally:
         scheduler.schedule_ahead = original  # type: ignore[method-assign]
+
+
+async def collect_tokens(
+    engine: AsyncEngine, ids: list[int], params: SamplingParams, grammar: object = None
+) -> list[int]:
+    stream = engine.generate(ids, params, grammar=grammar)  # type: ignore[arg-type]
+    return [token async for out in stream for token in out.token_ids]
+
+
+async def stopping(engine: AsyncEngine, body: Awaitable[T]) -> T:
+    """`body`'s result, the engine loop stopped afterwards (it lives on this asyncio loop)."""
+    try:
+        return await body
+    finally:
+        await engine.stop()
+
+
+def generate_all(
+    engine: AsyncEngine, requests: list[tuple[list[int], SamplingParams]], ahead: bool
+) -> tuple[list[list[int]], list[SchedulerOutput]]:
+    """Every request's tokens, and the steps that were scheduled ahead."""
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(collect_tokens(engine, ids, p) for ids, p in requests))
+
+    with recording_ahead(engine, ahead) as steps:
+        return asyncio.run(stopping(engine, main())), steps
 
 
 def test_ahead_matches_the_plain_order(engine: AsyncEngine) -> None:
@@ -131,21 +145,6 @@ def test_prompts_admitted_and_chunked_ahead_match_the_plain_order(engine: AsyncE
     assert any(item.num_new_tokens > 1 for out in mixed for item in out.scheduled)
 
 
-async def collect_tokens(
-    engine: AsyncEngine, ids: list[int], params: SamplingParams, grammar: object
-) -> list[int]:
-    stream = engine.generate(ids, params, grammar=grammar)  # type: ignore[arg-type]
-    return [token async for out in stream for token in out.token_ids]
-
-
-async def stopping(engine: AsyncEngine, body: Awaitable[T]) -> T:
-    """`body`'s result, the engine loop stopped afterwards (it lives on this asyncio loop)."""
-    try:
-        return await body
-    finally:
-        await engine.stop()
-
-
 def test_a_grammar_request_admitted_ahead_samples_under_its_mask(engine: AsyncEngine) -> None:
     """A constrained request that waits while a plain one fills the first step (its 256 prompt
     tokens are the whole budget) joins the step scheduled ahead; its first token, sampled there,
@@ -160,28 +159,14 @@ def test_a_grammar_request_admitted_ahead_samples_under_its_mask(engine: AsyncEn
     )
 
     def run_both(ahead: bool) -> tuple[list[list[int]], list[SchedulerOutput]]:
-        engine.block_manager.reset_prefix_cache()
-        scheduler = engine.scheduler
-        original = scheduler.schedule_ahead
-        steps: list[SchedulerOutput] = []
-
-        def counted(out):  # type: ignore[no-untyped-def]
-            nxt = original(out) if ahead else None
-            if nxt is not None:
-                steps.append(nxt)
-            return nxt
-
         async def main() -> list[list[int]]:
             return await asyncio.gather(
-                collect_tokens(engine, list(range(300, 556)), plain_params, None),
+                collect_tokens(engine, list(range(300, 556)), plain_params),
                 collect_tokens(engine, [100, 101, 102], constrained, compiled),
             )
 
-        scheduler.schedule_ahead = counted  # type: ignore[method-assign]
-        try:
+        with recording_ahead(engine, ahead) as steps:
             return asyncio.run(stopping(engine, main())), steps
-        finally:
-            scheduler.schedule_ahead = original  # type: ignore[method-assign]
 
     plain, _ = run_both(ahead=False)
     overlapped, steps = run_both(ahead=True)
@@ -201,26 +186,12 @@ def test_prompt_logprobs_of_chunks_scheduled_ahead(engine: AsyncEngine) -> None:
     prompt = [(7 * j) % 30000 + 100 for j in range(600)]
 
     def prompt_logprobs(ahead: bool) -> tuple[list[float], int]:
-        engine.block_manager.reset_prefix_cache()
-        scheduler = engine.scheduler
-        original = scheduler.schedule_ahead
-        count = 0
-
-        def counted(out):  # type: ignore[no-untyped-def]
-            nonlocal count
-            nxt = original(out) if ahead else None
-            count += nxt is not None
-            return nxt
-
         async def main() -> list[float]:
             outputs = [out async for out in engine.generate(prompt, params, stream=False)]
             return outputs[-1].prompt_logprobs or []
 
-        scheduler.schedule_ahead = counted  # type: ignore[method-assign]
-        try:
-            return asyncio.run(stopping(engine, main())), count
-        finally:
-            scheduler.schedule_ahead = original  # type: ignore[method-assign]
+        with recording_ahead(engine, ahead) as steps:
+            return asyncio.run(stopping(engine, main())), len(steps)
 
     plain, _ = prompt_logprobs(ahead=False)
     overlapped, ahead = prompt_logprobs(ahead=True)
