@@ -5,6 +5,7 @@
     TRITON_INTERPRET=1 python bench/kernels.py --tiny    # CPU dry run of every check
     python bench/kernels.py --only gemv-sweep            # the one-row GEMV's launch settings
     python bench/kernels.py --only decode-sweep          # decode attention's launch settings
+    python bench/kernels.py --only decode-ragged         # its split counts and program order
     python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
 
 Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
@@ -43,7 +44,14 @@ from app.kernels.attention import (
     paged_attention_triton,
     quantize_kv,
 )
-from app.kernels.decode_attention import decode_tiles, paged_decode_attention
+from app.kernels.decode_attention import (
+    _decode_split_kernel,
+    _num_sms,
+    decode_num_splits,
+    decode_tiles,
+    longest_first,
+    paged_decode_attention,
+)
 from app.kernels.linear import gemv_tiles, gemv_triton
 from app.kernels.norm import (
     fused_add_rms_norm_ref,
@@ -69,6 +77,8 @@ class Shapes:
     block_size: int
     decode: tuple[tuple[int, int], ...]  # (batch, context)
     decode_sweep: tuple[tuple[int, int], ...]  # the cases `--only decode-sweep` times
+    # (batch, shortest, longest context): `--only decode-ragged`, contexts uniform in between
+    decode_ragged: tuple[tuple[int, int, int], ...]
     gemm_rows: tuple[int, ...]  # token counts `--only gemm` times cuBLAS at
     prefill: tuple[tuple[str, Batch], ...]
     tokens: tuple[int, ...]  # rows for the norm / rotary / activation kernels (block multiples)
@@ -88,6 +98,9 @@ LLAMA_8B = Shapes(
     decode=DECODE_8B,
     # Few sequences (many splits), long contexts, random-256's decode steps.
     decode_sweep=((16, 2048), (256, 4096), (512, 384)),
+    # `mixed`'s decode steps: prompts of 128-1024 tokens plus up to 512 generated, the batch
+    # shrinking from 512 as requests finish.
+    decode_ragged=((512, 128, 1536), (256, 256, 1536), (128, 512, 1536), (32, 512, 1536)),
     prefill=(
         ("prompt 8192", ((8192, 8192),)),
         ("chunk 2048 after 6144", ((8192, 2048),)),
@@ -115,6 +128,7 @@ TINY = Shapes(
     block_size=16,
     decode=((1, 300), (3, 100)),  # the first takes two splits
     decode_sweep=((3, 100),),
+    decode_ragged=((5, 20, 300),),
     prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))),),
     tokens=(32,),
     gemm_rows=(4, 16),
@@ -182,6 +196,18 @@ def graph_time(fn: Callable[[], object]) -> float:
     if torch.cuda.is_available():
         return triton.testing.do_bench_cudagraph(fn, return_mode="median")
     return bench_time(fn)
+
+
+def compiled_resources(fn: triton.JITFunction) -> set[str]:
+    """Registers and shared memory of each variant `fn` has compiled on the GPU: what decides
+    how many of its programs an SM holds at once."""
+    found = set()
+    for cache in getattr(fn, "device_caches", {}).values():
+        for kernel in cache[0].values():
+            regs, shared = getattr(kernel, "n_regs", None), kernel.metadata.shared
+            warps = kernel.metadata.num_warps
+            found.add(f"compiled: {warps} warps, {regs} registers/thread, {shared} B shared")
+    return found
 
 
 def compare(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, bool]:
@@ -306,6 +332,44 @@ class Bench:
                 continue
             timed.append((graph_time(lambda setting=setting: run(setting)), setting))
         self.print_sweep(f"decode sweep {case}", "decode_tiles", chosen, timed, work)
+
+    def decode_ragged(self, batch_size: int, shortest: int, longest: int) -> None:
+        """Decode attention over contexts of mixed lengths at every split count up to 8 (and the
+        one `decode_num_splits` picks for a block table as wide as the longest context), with
+        the programs started in row order and longest first."""
+        s = self.s
+        lens = torch.randint(shortest, longest + 1, (batch_size,), generator=self.host_gen)
+        k_cache, v_cache, meta = self.paged(tuple((n, 1) for n in lens.tolist()))
+        q = self.randn(batch_size, s.num_heads, s.head_dim)
+        scale = s.head_dim**-0.5
+        ref = [paged_attention_ref(q, k_cache, v_cache, meta, scale)]
+        out = self.nan(*q.shape)
+        order = longest_first(meta.seq_lens)
+        per_token = kv_bytes_per_token(s.num_kv_heads, s.head_dim, q.dtype)
+        work = int(lens.sum()) * per_token + 2 * q.numel() * q.element_size()
+        width = meta.block_tables.shape[1] * s.block_size
+        auto = decode_num_splits(batch_size, s.num_kv_heads, width, _num_sms(q.device))
+        case = f"batch {batch_size} ctx {shortest}-{longest}"
+        print(f"\ndecode ragged, {case} (mean {lens.float().mean():.0f}), picked {auto} split(s):")
+        print(f"  {'splits':>6} {'order':<14} {'us':>8} {'GB/s':>8}")
+        for splits in sorted({1, 2, 3, 4, 6, 8, auto}):
+            for ordered in (None, order):
+
+                def run(splits: int = splits, ordered: torch.Tensor | None = ordered) -> list:
+                    args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+                    opts = {"num_splits": splits, "order": ordered, "out": out}
+                    return [paged_decode_attention(*args, **opts)]
+
+                rel, ok = compare(run(), ref)
+                if not ok:
+                    sys.exit(f"decode ragged {case}, {splits} splits: wrong (rel err {rel:.2e})")
+                ms = graph_time(run)
+                name = "rows" if ordered is None else "longest first"
+                print(f"  {splits:>6} {name:<14} {ms * 1e3:>8.1f} {work / ms / 1e6:>8.1f}")
+        sort_ms = graph_time(lambda: longest_first(meta.seq_lens))
+        print(f"  ordering the rows (once per step): {sort_ms * 1e3:.1f} us")
+        for line in compiled_resources(_decode_split_kernel):
+            print(f"  {line}")
 
     def prefill(self, name: str, batch: Batch, quant_policy: int = 0) -> None:
         s = self.s
@@ -495,6 +559,8 @@ def main() -> None:
             bench.decode(batch_size, context, quant_policy)
         for batch_size, context in shapes.decode_sweep if "decode-sweep" in groups else ():
             bench.decode(batch_size, context, quant_policy, sweep=True)
+        for case in shapes.decode_ragged if "decode-ragged" in groups and not quant_policy else ():
+            bench.decode_ragged(*case)
         for name, batch in shapes.prefill if "prefill" in groups else ():
             bench.prefill(name, batch, quant_policy)
         for tokens in shapes.tokens if "elementwise" in groups else ():

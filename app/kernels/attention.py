@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from app.kernels.decode_attention import paged_decode_attention
+from app.kernels.decode_attention import longest_first, paged_decode_attention
 from app.kernels.prefill_attention import paged_prefill_attention
 
 # One layer's cache: (k, v) `[N, block_size, kvh, hd]`, then (k_scale, v_scale) `[N, block_size,
@@ -86,6 +86,7 @@ class AttentionMetadata:
     _parts: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = field(
         default=None, init=False, repr=False
     )
+    _decode_order: torch.Tensor | None = field(default=None, init=False, repr=False)
     _ref_layouts: dict[tuple[int, int | None], RefLayout] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -97,6 +98,15 @@ class AttentionMetadata:
                 break
             n += 1
         self.num_decodes = n
+
+    def decode_order(self) -> torch.Tensor:
+        """The leading decodes longest first: the order the decode kernel starts their programs
+        in, made once per step."""
+        if self._decode_order is None:
+            d = self.num_decodes
+            seq_lens = self.seq_lens if d == len(self.seq_lens_cpu) else self.split_parts()[0][1]
+            self._decode_order = longest_first(seq_lens)
+        return self._decode_order
 
     def split_parts(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """(block_tables, seq_lens) of the leading decodes and (block_tables, seq_lens,
@@ -241,8 +251,9 @@ def paged_attention_triton(
     opts = {"sliding_window": sliding_window, "kv_scales": kv_scales}
     if d == q.shape[0]:
         return paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, **opts, out=out
-        )
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, **opts,
+            order=meta.decode_order(), out=out,
+        )  # fmt: skip
     if d == 0:
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
@@ -251,7 +262,9 @@ def paged_attention_triton(
     if out is None:
         out = torch.empty_like(q)
     decode, prefill = meta.split_parts()
-    paged_decode_attention(q[:d], k_cache, v_cache, *decode, scale, **opts, out=out[:d])
+    paged_decode_attention(
+        q[:d], k_cache, v_cache, *decode, scale, **opts, order=meta.decode_order(), out=out[:d]
+    )
     paged_prefill_attention(q[d:], k_cache, v_cache, *prefill, scale, **opts, out=out[d:])
     return out
 

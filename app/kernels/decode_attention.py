@@ -4,7 +4,9 @@ Each program owns one (sequence, kv head, context split): it gathers that split'
 through the block table, scores them against all query heads of the kv head's GQA group at
 once (so K/V are read from memory once per group), and leaves a partial output plus its
 log-sum-exp. A second kernel merges the splits. With one split the first kernel writes the
-output directly. The reference is `paged_attention_ref` with every query length 1.
+output directly. Given an `order` (the sequences longest first), programs start in that order,
+so that a launch over contexts of mixed lengths ends on short programs rather than waiting for a
+long one started last. The reference is `paged_attention_ref` with every query length 1.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _decode_split_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    order_ptr,
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
@@ -84,8 +87,9 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    seq = tl.load(order_ptr + tl.program_id(0)) if ORDERED else tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -171,6 +175,12 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:
+    """The rows of `seq_lens` longest first (int32), on its device: computed once per step and
+    shared by every layer's launch."""
+    return torch.argsort(seq_lens, descending=True).int()
+
+
 def decode_tiles(row_bytes: int, int8: bool) -> tuple[int, int, int]:
     """(keys per tile, warps, stages): 64 keys for rows of up to 256 bytes (bf16 head_dim 128),
     32 for wider ones, twice as many from an int8 cache, whose tiles are half the bytes (1.2-1.3x
@@ -192,6 +202,7 @@ def paged_decode_attention(
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_splits: int | None = None,
     tiles: tuple[int, int, int] | None = None,
+    order: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence `q [B, H, hd]` over its first seq_lens[b] cached
@@ -200,6 +211,8 @@ def paged_decode_attention(
     Launches read only tensor shapes on the host, never tensor values, so the call can be
     captured in a CUDA graph; `num_splits` defaults to a choice from the batch size and the
     block table's width and `tiles` (keys per tile, warps, stages) to `decode_tiles`' choice.
+    `order` (int32 `[B]`, a permutation of the rows, e.g. `longest_first(seq_lens)`) sets the
+    order in which the sequences' programs start; the output is the same.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -225,7 +238,8 @@ def paged_decode_attention(
             num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, seq_lens if order is None else order,
+        out, part_out, part_lse,
         scale * LOG2E, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -241,6 +255,7 @@ def paged_decode_attention(
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
         QUANT=quant,
+        ORDERED=order is not None,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip

@@ -8,7 +8,12 @@ import torch
 from paged_batch import DEVICE, HALF_DTYPES, close, nan_like, needs_triton, paged_batch
 
 from app.kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
-from app.kernels.decode_attention import decode_num_splits, decode_tiles, paged_decode_attention
+from app.kernels.decode_attention import (
+    decode_num_splits,
+    decode_tiles,
+    longest_first,
+    paged_decode_attention,
+)
 from app.kernels.prefill_attention import paged_prefill_attention
 
 pytestmark = needs_triton
@@ -21,13 +26,14 @@ DECODES = [(1, 1), (17, 1), (100, 1), (250, 1)]
 MIXED = [(9, 1), (7, 7), (130, 70), (1, 1), (200, 3), (64, 64), (71, 9)]
 
 
-def _decode(batch, *, splits, window=None, tiles=None, **shape) -> None:
+def _decode(batch, *, splits, window=None, tiles=None, ordered=False, **shape) -> None:
     b = paged_batch(batch, **shape)
     scale = shape["head_dim"] ** -0.5
     opts = {"sliding_window": window, "kv_scales": b.kv_scales}
+    order = longest_first(b.meta.seq_lens) if ordered else None
     out = paged_decode_attention(
         b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale,
-        num_splits=splits, tiles=tiles, out=nan_like(b.q), **opts,
+        num_splits=splits, tiles=tiles, order=order, out=nan_like(b.q), **opts,
     )  # fmt: skip
     ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, **opts)
     assert not out.isnan().any()
@@ -93,6 +99,24 @@ def test_decode_head_layouts(heads: tuple[int, int]) -> None:
     _decode(
         DECODES, splits=2, num_heads=heads[0], num_kv_heads=heads[1], head_dim=32,
         block_size=64, dtype=torch.float32,
+    )  # fmt: skip
+
+
+def test_longest_first_orders_rows_by_context() -> None:
+    seq_lens = torch.tensor([17, 250, 1, 100, 250], dtype=torch.int32)
+    order = longest_first(seq_lens)
+    assert order.dtype == torch.int32
+    assert sorted(order.tolist()) == list(range(5))
+    assert seq_lens[order.long()].tolist() == [250, 250, 100, 17, 1]
+
+
+# Programs started longest first write each sequence's output to its own row, split or not.
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("quant_policy", [0, 8])
+def test_decode_longest_first(splits: int, quant_policy: int) -> None:
+    _decode(
+        DECODES[::-1] + DECODES, splits=splits, ordered=True, num_heads=8, num_kv_heads=2,
+        head_dim=32, block_size=16, dtype=torch.float32, quant_policy=quant_policy,
     )  # fmt: skip
 
 
