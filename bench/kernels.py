@@ -100,7 +100,15 @@ LLAMA_8B = Shapes(
     decode_sweep=((16, 2048), (256, 4096), (512, 384)),
     # `mixed`'s decode steps: prompts of 128-1024 tokens plus up to 512 generated, the batch
     # shrinking from 512 as requests finish.
-    decode_ragged=((512, 128, 1536), (256, 256, 1536), (128, 512, 1536), (32, 512, 1536)),
+    decode_ragged=(
+        (512, 128, 1536),
+        (256, 256, 1536),
+        (128, 512, 1536),
+        (64, 512, 1536),
+        (48, 512, 1536),
+        (32, 512, 1536),
+        (16, 512, 1536),
+    ),
     prefill=(
         ("prompt 8192", ((8192, 8192),)),
         ("chunk 2048 after 6144", ((8192, 2048),)),

@@ -99,10 +99,10 @@ class AttentionMetadata:
             n += 1
         self.num_decodes = n
 
-    def decode_order(self) -> torch.Tensor:
+    def decode_order(self) -> torch.Tensor | None:
         """The leading decodes longest first: the order the decode kernel starts their programs
-        in, made once per step."""
-        if self._decode_order is None:
+        in, made once per step (None for a single decode)."""
+        if self._decode_order is None and self.num_decodes > 1:
             d = self.num_decodes
             seq_lens = self.seq_lens if d == len(self.seq_lens_cpu) else self.split_parts()[0][1]
             self._decode_order = longest_first(seq_lens)

@@ -27,14 +27,15 @@ from app.kernels.paged_tile import (
 
 MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 64
-PROGRAMS_PER_SM = 4  # enough resident programs per SM to hide memory latency
+PROGRAMS_PER_SM = 4  # resident at once: bf16 head_dim 128 takes 128 registers per thread
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Splits per sequence: enough programs to fill the GPU, never splits shorter than
-    MIN_SPLIT_TOKENS. Depends only on shapes, so a CUDA graph keeps its choice on replay."""
+    """Splits per sequence: as many as fit in one wave of resident programs (a second, partial
+    wave would cost as long as a full one), never splits shorter than MIN_SPLIT_TOKENS. Depends
+    only on shapes, so a CUDA graph keeps its choice on replay."""
     programs = num_seqs * num_kv_heads
-    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
+    wanted = PROGRAMS_PER_SM * num_sms // programs
     useful = triton.cdiv(max_context, MIN_SPLIT_TOKENS)
     return max(1, min(wanted, useful, MAX_SPLITS))
 
@@ -89,7 +90,7 @@ def _decode_split_kernel(
     QUANT: tl.constexpr,
     ORDERED: tl.constexpr,
 ):
-    seq = tl.load(order_ptr + tl.program_id(0)) if ORDERED else tl.program_id(0)
+    seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int32) if ORDERED else tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -176,9 +177,9 @@ def _decode_reduce_kernel(
 
 
 def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:
-    """The rows of `seq_lens` longest first (int32), on its device: computed once per step and
+    """The rows of `seq_lens` longest first (int64), on its device: computed once per step and
     shared by every layer's launch."""
-    return torch.argsort(seq_lens, descending=True).int()
+    return torch.argsort(seq_lens, descending=True)
 
 
 def decode_tiles(row_bytes: int, int8: bool) -> tuple[int, int, int]:
@@ -211,7 +212,7 @@ def paged_decode_attention(
     Launches read only tensor shapes on the host, never tensor values, so the call can be
     captured in a CUDA graph; `num_splits` defaults to a choice from the batch size and the
     block table's width and `tiles` (keys per tile, warps, stages) to `decode_tiles`' choice.
-    `order` (int32 `[B]`, a permutation of the rows, e.g. `longest_first(seq_lens)`) sets the
+    `order` (integer `[B]`, a permutation of the rows, e.g. `longest_first(seq_lens)`) sets the
     order in which the sequences' programs start; the output is the same.
     """
     num_seqs, num_heads, head_dim = q.shape
