@@ -7,6 +7,7 @@
     python bench/kernels.py --only decode-sweep          # decode attention's launch settings
     python bench/kernels.py --only decode-ragged         # its split counts and program order
     python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
+    python bench/kernels.py --only gemm --gemm-rows 256,264,272  # ... at these token counts
 
 Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
 checks the kernel against the reference (relative error ||out - ref|| / ||ref|| within bf16
@@ -25,7 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -553,11 +554,16 @@ def main() -> None:
     parser.add_argument(
         "--only", default="decode,prefill,elementwise,gemv", help="comma-separated groups to run"
     )
+    parser.add_argument(
+        "--gemm-rows", default=None, help="comma-separated token counts for --only gemm"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The interpreter cannot multiply bf16 in tl.dot (triton-lang/triton#11584): fp16 on CPU.
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     shapes = TINY if args.tiny else LLAMA_8B
+    if args.gemm_rows:
+        shapes = replace(shapes, gemm_rows=tuple(int(n) for n in args.gemm_rows.split(",")))
     print(f"device: {describe_device()}, triton {triton.__version__}, {dtype}", flush=True)
     bench = Bench(shapes, dtype, device)
     print(HEADER)
