@@ -43,7 +43,7 @@ def _gemm_swiglu_kernel(
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :]
     # Weight tiles read as [BLOCK_K, BLOCK_N] views of row-major [2N, K]: up rows follow gate's.
     gate_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    up_ptrs = gate_ptrs + N.to(tl.int64) * stride_wn
+    up_ptrs = w_ptr + (cols[None, :] + N).to(tl.int64) * stride_wn + ks[:, None]
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -113,8 +113,8 @@ def test_bucket_ladder_holds_every_batch_with_little_padding() -> None:
 
 
 def test_a_bucket_slower_than_a_larger_one_is_not_used() -> None:
-    # Per-replay milliseconds as an H200 ran them: 448 rows slower than 480 (cuBLAS's kernel
-    # choice); 352 within the 2% margin of 384, so it stays.
+    # Replay times shaped like the H200's matrix products by row count (BENCHMARKS, ninth
+    # round): 448 rows slower than 480 (cuBLAS's kernel choice); 352 within 2% of 384 stays.
     replay_ms = {256: 6.6, 288: 7.7, 352: 8.5, 384: 8.6, 416: 10.2, 448: 13.8, 480: 10.7, 512: 11.0}
     assert fastest_buckets(replay_ms) == [256, 288, 352, 384, 416, 480, 512]
     assert fastest_buckets({1: 5.0, 2: 4.0, 4: 6.0}) == [2, 4]
