@@ -201,13 +201,14 @@ GEMV_GRID = [
 ]
 
 
-# The gate|up GEMM's launch settings `--only gemm-swiglu` tries: (BLOCK_M, BLOCK_N, BLOCK_K,
-# warps, stages); BLOCK_N columns of gate and as many of up per program.
+# The gate|up GEMM's launch settings `--only gemm-swiglu` tries: ((BLOCK_M, BLOCK_N, BLOCK_K,
+# warps, stages), tiles through tensor descriptors); BLOCK_N columns of gate and of up each.
 GEMM_SWIGLU_GRID = [
-    (bm, bn, bk, warps, stages)
+    ((bm, bn, bk, warps, stages), tma)
     for bm, bn, bk in ((64, 64, 64), (128, 64, 64), (128, 128, 64), (64, 128, 64), (128, 64, 128))
     for warps in (4, 8)
     for stages in (3, 4)
+    for tma in (False, True)
 ]
 
 
@@ -525,8 +526,8 @@ class Bench:
         timed = []
         for setting in GEMM_SWIGLU_GRID:
 
-            def run(setting: tuple[int, ...] = setting) -> list[torch.Tensor]:
-                return [gemm_swiglu_triton(x, w, tiles=setting, out=out)]
+            def run(setting: tuple = setting) -> list[torch.Tensor]:
+                return [gemm_swiglu_triton(x, w, tiles=setting[0], tma=setting[1], out=out)]
 
             try:
                 rel, ok = compare(run(), ref)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from app.kernels.activation import silu_and_mul_ref
 from app.kernels.paged_tile import dot_precision
@@ -20,21 +21,35 @@ def gemm_swiglu_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _gemm_swiglu_kernel(
-    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    # Grouped launch order: GROUP_M row tiles in a row take each column tile's weights while
-    # they are still in L2.
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) in grouped order: GROUP_M row tiles in a row take
+    each column tile's weights while they are still in L2."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
     first_m = pid // per_group * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + pid % per_group % group_rows
-    pid_n = pid % per_group // group_rows
+    return first_m + pid % per_group % group_rows, pid % per_group // group_rows
 
+
+@triton.jit
+def _store_swiglu(acc_gate, acc_up, out_ptr, rows, cols, M, N, stride_om):
+    # Rounded as the unfused path rounds: both products to the output dtype, then silu.
+    dtype = out_ptr.dtype.element_ty
+    gate = acc_gate.to(dtype).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    out = act * acc_up.to(dtype).to(tl.float32)
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, out.to(dtype), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _gemm_swiglu_kernel(
+    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -61,14 +76,29 @@ def _gemm_swiglu_kernel(
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    _store_swiglu(acc_gate, acc_up, out_ptr, rows, cols, M, N, stride_om)
 
-    # Rounded as the unfused path rounds: both products to the output dtype, then silu.
-    dtype = out_ptr.dtype.element_ty
-    gate = acc_gate.to(dtype).to(tl.float32)
-    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-    out = act * acc_up.to(dtype).to(tl.float32)
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, out.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+@triton.jit
+def _gemm_swiglu_tma_kernel(
+    x_desc, w_desc, out_ptr, M, N, K, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # The same product with tiles brought in by the tensor-memory accelerator (Hopper), which
+    # fills reads past the edges with zeros. A last gate tile that runs past N reads up rows
+    # into columns that are never stored.
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([m0, k0])
+        acc_gate = tl.dot(x, w_desc.load([n0, k0]).T, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(x, w_desc.load([N + n0, k0]).T, acc_up, input_precision=DOT_PRECISION)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    _store_swiglu(acc_gate, acc_up, out_ptr, rows, cols, M, N, stride_om)
 
 
 def gemm_swiglu_triton(
@@ -76,11 +106,13 @@ def gemm_swiglu_triton(
     weight: torch.Tensor,
     *,
     tiles: tuple[int, int, int, int, int] | None = None,
+    tma: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`silu(x Wg^T) * (x Wu^T)` `[M, N]` for `x` `[M, K]` and the packed row-major `W` `[2N,
     K]` (gate rows, then up rows); `tiles` is (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), by
-    default a setting not yet tuned on a GPU."""
+    default a setting not yet tuned on a GPU. `tma` loads tiles through tensor descriptors
+    (rows of a multiple of 16 bytes)."""
     m, k = x.shape
     two_n, k_w = weight.shape
     if k_w != k or two_n % 2:
@@ -96,9 +128,20 @@ def gemm_swiglu_triton(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages = tiles or (128, 64, 64, 8, 3)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _gemm_swiglu_kernel[grid](
-        x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, EVEN_K=k % block_k == 0,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    launch = {"num_warps": warps, "num_stages": stages}
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    precision = dot_precision(x.dtype)
+    if not tma:
+        _gemm_swiglu_kernel[grid](
+            x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), **blocks,
+            EVEN_K=k % block_k == 0, DOT_PRECISION=precision, **launch,
+        )  # fmt: skip
+        return out
+    if any(t.stride(0) * t.element_size() % 16 for t in (x, weight)):
+        raise ValueError("tensor descriptors need rows of a multiple of 16 bytes")
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    _gemm_swiglu_tma_kernel[grid](
+        x_desc, w_desc, out, m, n, k, out.stride(0), **blocks, DOT_PRECISION=precision, **launch
+    )
     return out
