@@ -6,6 +6,7 @@
     python bench/kernels.py --only gemv-sweep            # the one-row GEMV's launch settings
     python bench/kernels.py --only decode-sweep          # decode attention's launch settings
     python bench/kernels.py --only decode-ragged         # its split counts and program order
+    python bench/kernels.py --only prefill-sweep         # prefill attention's launch settings
     python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
     python bench/kernels.py --only gemm --gemm-rows 256,264,272  # ... at these token counts
     python bench/kernels.py --only gemm-swiglu           # gate|up GEMM + SwiGLU epilogue vs cuBLAS
@@ -61,6 +62,7 @@ from app.kernels.norm import (
     rms_norm_ref,
     rms_norm_triton,
 )
+from app.kernels.prefill_attention import paged_prefill_attention
 from app.kernels.rotary import rotary_and_cache_ref, rotary_and_cache_triton
 from app.kernels.swiglu_gemm import gemm_swiglu_ref, gemm_swiglu_triton
 from bench.common import describe_device
@@ -84,6 +86,7 @@ class Shapes:
     decode_ragged: tuple[tuple[int, int, int], ...]
     gemm_rows: tuple[int, ...]  # token counts `--only gemm` times cuBLAS at
     prefill: tuple[tuple[str, Batch], ...]
+    prefill_sweep: tuple[str, ...]  # names of `prefill` cases `--only prefill-sweep` times
     tokens: tuple[int, ...]  # rows for the norm / rotary / activation kernels (block multiples)
     linears: tuple[tuple[str, int, int], ...]  # (name, out features, in features) for the GEMV
 
@@ -114,12 +117,15 @@ LLAMA_8B = Shapes(
     ),
     prefill=(
         ("prompt 8192", ((8192, 8192),)),
+        # An admission step of `mixed`: prompts of 128-1,024 tokens, 8,640 in all.
+        ("15 prompts 128-1024", tuple((n, n) for n in range(128, 1025, 64))),
         ("chunk 2048 after 6144", ((8192, 2048),)),
         ("4 prompts x 2048", ((2048, 2048),) * 4),
         # Mixed steps list their decodes first, as the scheduler does.
         ("128 dec @2048 + chunk 4096", ((2048, 1),) * 128 + ((4096, 4096),)),
         ("256 dec @384 + chunk 512", ((384, 1),) * 256 + ((512, 512),)),
     ),
+    prefill_sweep=("prompt 8192", "15 prompts 128-1024"),
     tokens=(256, 8192),
     gemm_rows=(512, 8192),  # a full decode batch, an admission step's token budget
     linears=(
@@ -140,7 +146,8 @@ TINY = Shapes(
     decode=((1, 300), (3, 100)),  # the first takes two splits
     decode_sweep=((3, 100),),
     decode_ragged=((5, 20, 300),),
-    prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))),),
+    prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))), ("prompts", ((40, 40), (90, 90)))),
+    prefill_sweep=("prompts",),
     tokens=(32,),
     gemm_rows=(4, 16),
     linears=(("proj", 40, 64), ("wide", 96, 1100)),
@@ -191,6 +198,10 @@ def bench_time(fn: Callable[[], object]) -> float:
 
 # The decode-attention launch settings `--only decode-sweep` tries: (keys per tile, warps, stages).
 DECODE_GRID = list(itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 3)))
+
+# The prefill-attention launch settings `--only prefill-sweep` tries: (query rows per tile, keys
+# per tile, warps, stages); a tile's rows are its tokens times the GQA group.
+PREFILL_GRID = list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)))
 
 # The GEMV launch settings `--only gemv-sweep` tries: (rows per program, columns per load, warps,
 # stages), tiles of at most 16k elements.
@@ -393,7 +404,11 @@ class Bench:
         for line in compiled_resources(_decode_split_kernel):
             print(f"  {line}")
 
-    def prefill(self, name: str, batch: Batch, quant_policy: int = 0) -> None:
+    def prefill(
+        self, name: str, batch: Batch, quant_policy: int = 0, *, sweep: bool = False
+    ) -> None:
+        """One prefill-attention case; `sweep` times every PREFILL_GRID setting on it instead
+        (a batch of prompts and chunks only: no decodes)."""
         s = self.s
         if quant_policy:
             k_cache, v_cache, k_scale, v_scale, meta = self.paged_int8(batch)
@@ -434,7 +449,36 @@ class Bench:
         visible = sum(sum(range(n - k + 1, n + 1)) for n, k in batch)  # keys per query, summed
         work = 4 * visible * s.num_heads * s.head_dim
         name += " int8 KV" if quant_policy else ""
-        self.record("prefill attn", name, run, run_ref, work, "TFLOP/s")
+        if not sweep:
+            self.record("prefill attn", name, run, run_ref, work, "TFLOP/s")
+            return
+        ref_out = [t.clone() for t in run_ref()]
+        group = triton.next_power_of_2(s.num_heads // s.num_kv_heads)
+        timed = []
+        for rows_per_tile, *launch in PREFILL_GRID:
+            setting = (max(1, rows_per_tile // group), *launch)
+
+            def run_setting(setting: tuple[int, ...] = setting) -> list[torch.Tensor]:
+                args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens)
+                opts = {"kv_scales": kv_scales, "tiles": setting, "out": out}
+                return [paged_prefill_attention(*args, meta.query_start_loc, scale, **opts)]
+
+            try:
+                rel, ok = compare(run_setting(), ref_out)
+            except triton.runtime.errors.OutOfResources:
+                continue  # its tiles do not fit in shared memory
+            if not ok:
+                print(f"  {setting}: wrong (rel err {rel:.2e})")
+                continue
+            timed.append((bench_time(run_setting), setting))
+        timed.sort()
+        chosen = bench_time(run)
+        print(
+            f"prefill sweep {name}: now {chosen * 1e3:.1f} us "
+            f"({work / chosen / 1e9:.0f} TFLOP/s); best (query tokens, keys, warps, stages):"
+        )
+        for t, setting in timed[:5]:
+            print(f"  {t * 1e3:8.1f} us {work / t / 1e9:5.0f} TFLOP/s  {setting}", flush=True)
 
     # -- elementwise ----------------------------------------------------------------------
 
@@ -627,6 +671,9 @@ def main() -> None:
             bench.decode_ragged(*case)
         for name, batch in shapes.prefill if "prefill" in groups else ():
             bench.prefill(name, batch, quant_policy)
+        sweeps = shapes.prefill_sweep if "prefill-sweep" in groups and not quant_policy else ()
+        for name, batch in ((n, b) for n, b in shapes.prefill if n in sweeps):
+            bench.prefill(name, batch, sweep=True)
         for tokens in shapes.tokens if "elementwise" in groups else ():
             bench.rotary(tokens, quant_policy)
     for tokens in shapes.tokens if "elementwise" in groups else ():

@@ -165,13 +165,15 @@ def paged_prefill_attention(
     *,
     sliding_window: int | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens `q [T, H, hd]` (sequence b's are rows
     query_start_loc[b] .. query_start_loc[b+1]-1, at positions ending at seq_lens[b] - 1) over
     the paged cache, which already holds their own keys/values. Returns `[T, H, hd]`.
 
-    The grid comes from T and the batch size only; tensor values stay on the device.
+    The grid comes from T and the batch size only; tensor values stay on the device. `tiles`
+    (query tokens per tile, keys per tile, warps, stages) overrides `_tile_shape`'s choice.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -185,6 +187,8 @@ def paged_prefill_attention(
     block_q, group_pad, block_n, num_warps, num_stages = _tile_shape(
         head_dim, group, q.element_size(), kv_scales is not None
     )
+    if tiles is not None:
+        block_q, block_n, num_warps, num_stages = tiles
     # Enough tile numbers for the numbering _find_sequence decodes: at most T // BLOCK_Q + B.
     num_tiles = num_tokens // block_q + num_seqs
     _prefill_kernel[(num_tiles, num_kv_heads)](

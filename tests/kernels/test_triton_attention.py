@@ -40,13 +40,13 @@ def _decode(batch, *, splits, window=None, tiles=None, ordered=False, **shape) -
     torch.testing.assert_close(out, ref, **close(shape["dtype"]))
 
 
-def _prefill(batch, *, window=None, **shape) -> None:
+def _prefill(batch, *, window=None, tiles=None, **shape) -> None:
     b = paged_batch(batch, **shape)
     scale = shape["head_dim"] ** -0.5
     opts = {"sliding_window": window, "kv_scales": b.kv_scales}
     out = paged_prefill_attention(
         b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens,
-        b.meta.query_start_loc, scale, out=nan_like(b.q), **opts,
+        b.meta.query_start_loc, scale, tiles=tiles, out=nan_like(b.q), **opts,
     )  # fmt: skip
     ref = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.meta, scale, **opts)
     assert not out.isnan().any()
@@ -127,6 +127,17 @@ def test_decode_num_splits_fills_the_gpu() -> None:
     assert decode_num_splits(32, 8, 8192, 132) == 2
     assert decode_num_splits(48, 8, 8192, 132) == 1  # 384 programs: one wave already
     assert decode_num_splits(256, 8, 8192, 132) == 1
+
+
+# Every launch setting the prefill sweep may pick computes the same attention: query tiles of
+# other sizes, key tiles smaller and larger than a cache block.
+@pytest.mark.parametrize("tiles", [(8, 16, 4, 1), (2, 64, 4, 3)])
+@pytest.mark.parametrize("quant_policy", [0, 8])
+def test_prefill_launch_settings(tiles: tuple[int, int, int, int], quant_policy: int) -> None:
+    _prefill(
+        MIXED, tiles=tiles, num_heads=8, num_kv_heads=2, head_dim=32, block_size=32,
+        dtype=torch.float32, quant_policy=quant_policy,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("block_size", [16, 64])
