@@ -9,8 +9,10 @@
 #                                    (quant_policy 8), the attention kernels both ways (~6 min)
 #   bash bench/gpu_suite.sh profile  where the GPU time goes: batch-1 and both workloads with their
 #                                    kernels summed by kind, the GEMV and decode-attention
-#                                    launch-setting sweeps, cuBLAS rates, the SwiGLU GEMM's
-#                                    settings against cuBLAS + silu_and_mul (~10 min)
+#                                    launch-setting sweeps, cuBLAS rates (~9 min)
+#   bash bench/gpu_suite.sh sweeps   kernel candidates: decode attention over mixed context
+#                                    lengths, prefill attention's launch settings, the SwiGLU
+#                                    GEMM against cuBLAS + silu_and_mul (~6 min)
 #   bash bench/gpu_suite.sh budget   both workloads at step budgets (max_prefill_token_num)
 #                                    BUDGETS (default 4096 8192 16384) (~8 min)
 #   AB_BASE=DIR bash bench/gpu_suite.sh ab
@@ -102,8 +104,12 @@ case "${1:-quick}" in
         --workload $workload --profile --json "$out/profile-$workload.json" 2>&1 \
         | grep -v -i "warn\|loading" | tail -30
     done
-    python bench/kernels.py --only gemv-sweep,gemm,gemm-swiglu 2>&1 | grep -v "^kernel\|^$" | tail -60
+    python bench/kernels.py --only gemv-sweep,gemm 2>&1 | grep -v "^kernel\|^$" | tail -40
     python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$" | tail -40
+    ;;
+  sweeps)
+    python bench/kernels.py --only decode-ragged,prefill-sweep,gemm-swiglu 2>&1 \
+      | grep -v "^kernel\|^$\|compiled" | tail -120
     ;;
   ab)
     here=$(pwd)
