@@ -56,7 +56,7 @@ serve() {
 
 case "${1:-quick}" in
   quick)
-    python bench/gpu_check.py 2>&1 | grep -v -i warn | tail -14
+    python bench/gpu_check.py 2>&1 | grep "tokens equal"
     python bench/kernels.py --json "$out/kernels.json" 2>&1 | tail -40
     python bench/latency.py --model-config llama-3.2-1b --dtype bfloat16 --json "$out/latency-1b.json" 2>&1 | tail -6
     python bench/throughput.py --model-config llama-3.2-1b --dtype bfloat16 --workload random-256 \
