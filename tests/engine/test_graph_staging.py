@@ -107,9 +107,9 @@ def test_bucket_ladder_holds_every_batch_with_little_padding() -> None:
         assert ladder == sorted(set(ladder)) and ladder[-1] == cap
         for n in range(1, cap + 1):
             bucket = next(b for b in ladder if b >= n)
-            assert n > 128 or bucket - n < 16
-            assert n <= 128 or (bucket - n) / bucket <= 0.11, (cap, n, bucket)
-    assert len(bucket_sizes(1024)) == 36
+            assert n > 512 or bucket - n < 16
+            assert n <= 512 or (bucket - n) / bucket <= 0.11, (cap, n, bucket)
+    assert len(bucket_sizes(1024)) == 44
 
 
 def test_a_bucket_slower_than_a_larger_one_is_not_used() -> None:
