@@ -15,9 +15,9 @@
 #                                    GEMM against cuBLAS + silu_and_mul (~6 min)
 #   bash bench/gpu_suite.sh budget   both workloads at step budgets (max_prefill_token_num)
 #                                    BUDGETS (default 4096 8192 16384) (~8 min)
-#   AB_BASE=DIR|COMMIT bash bench/gpu_suite.sh ab
-#                                    this tree against the one in DIR (or COMMIT of this checkout),
-#                                    alternating, REPEATS (2) times per WORKLOADS (mixed
+#   AB_BASE="DIR|COMMIT ..." bash bench/gpu_suite.sh ab
+#                                    this tree against those in each DIR (or COMMIT of this
+#                                    checkout), in turn, REPEATS (2) times per WORKLOADS (mixed
 #                                    random-256): machines differ by 1-2%, so changes are
 #                                    compared inside one call only (~6 min)
 # Results land in $OUT (or ./artifacts) as JSON next to the printed tables.
@@ -112,18 +112,22 @@ case "${1:-quick}" in
       | grep -v "^kernel\|^$\|compiled" | tail -120
     ;;
   ab)
-    here=$(pwd)
-    base=${AB_BASE:?AB_BASE names the tree or commit to compare with}
-    if [ ! -d "$base" ]; then
-      base=$(mktemp -d)
-      git archive "$AB_BASE" | tar -x -C "$base" || { echo "no tree or commit $AB_BASE"; exit 1; }
-    fi
+    here=$(pwd) trees=() names=()
+    for base in ${AB_BASE:?AB_BASE names the trees or commits to compare with}; do
+      dir=$base
+      if [ ! -d "$dir" ]; then
+        dir=$(mktemp -d)
+        git archive "$base" | tar -x -C "$dir" || { echo "no tree or commit $base"; exit 1; }
+      fi
+      trees+=("$dir") names+=("$base")
+    done
+    trees+=("$here") names+=("this tree")
     for workload in ${WORKLOADS:-mixed random-256}; do
       for i in $(seq "${REPEATS:-2}"); do
-        for tree in "$base" "$here"; do
-          echo "== $workload, run $i, $([ "$tree" = "$here" ] && echo this tree || echo "$tree")"
-          (cd "$tree" && python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 \
-            --skip-hf --workload "$workload" 2>&1 | grep -i "idle\|^splitfuse  ")
+        for t in "${!trees[@]}"; do
+          echo "== $workload, run $i, ${names[$t]}"
+          (cd "${trees[$t]}" && python bench/throughput.py --model-config llama-3.1-8b \
+            --dtype bfloat16 --skip-hf --workload "$workload" 2>&1 | grep -i "idle\|^splitfuse  ")
         done
       done
     done
