@@ -9,7 +9,6 @@
     python bench/kernels.py --only prefill-sweep         # prefill attention's launch settings
     python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
     python bench/kernels.py --only gemm --gemm-rows 256,264,272  # ... at these token counts
-    python bench/kernels.py --only gemm-swiglu           # gate|up GEMM + SwiGLU epilogue vs cuBLAS
 
 Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
 checks the kernel against the reference (relative error ||out - ref|| / ||ref|| within bf16
@@ -64,7 +63,6 @@ from app.kernels.norm import (
 )
 from app.kernels.prefill_attention import paged_prefill_attention
 from app.kernels.rotary import rotary_and_cache_ref, rotary_and_cache_triton
-from app.kernels.swiglu_gemm import gemm_swiglu_ref, gemm_swiglu_triton
 from bench.common import describe_device
 
 TOLERANCE = 1e-2  # relative L2 error; bf16 rounding alone gives a few 1e-3
@@ -209,17 +207,6 @@ GEMV_GRID = [
     setting
     for setting in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (1, 3))
     if setting[0] * setting[1] <= 16384
-]
-
-
-# The gate|up GEMM's launch settings `--only gemm-swiglu` tries: ((BLOCK_M, BLOCK_N, BLOCK_K,
-# warps, stages), tiles through tensor descriptors); BLOCK_N columns of gate and of up each.
-GEMM_SWIGLU_GRID = [
-    ((bm, bn, bk, warps, stages), tma)
-    for bm, bn, bk in ((64, 64, 64), (128, 64, 64), (128, 128, 64), (64, 128, 64), (128, 64, 128))
-    for warps in (4, 8)
-    for stages in (3, 4)
-    for tma in (False, True)
 ]
 
 
@@ -547,43 +534,6 @@ class Bench:
             3 * tokens * size * elem, "GB/s",
         )  # fmt: skip
 
-    def gemm_swiglu(self, rows: int, top: int = 5) -> None:
-        """The gate|up GEMM with its SwiGLU epilogue at every GEMM_SWIGLU_GRID setting against
-        what the models run now (cuBLAS, then `silu_and_mul`), each checked first and timed
-        from a CUDA graph."""
-        s = self.s
-        x = self.randn(rows, s.hidden)
-        w = self.randn(2 * s.intermediate, s.hidden) / s.hidden**0.5
-        out = self.nan(rows, s.intermediate)
-        ref = [gemm_swiglu_ref(x.float(), w.float())]
-        flops = 2 * rows * 2 * s.intermediate * s.hidden
-
-        def unfused() -> list[torch.Tensor]:
-            return [silu_and_mul_triton(torch.nn.functional.linear(x, w), out=out)]
-
-        rel, ok = compare(unfused(), ref)
-        base = graph_time(unfused)
-        print(
-            f"gate_up + silu, {rows} rows: cuBLAS then silu_and_mul {base * 1e3:.1f} us "
-            f"({flops / base / 1e9:.0f} TFLOP/s, rel err {rel:.1e}); fused, fastest first:"
-        )
-        timed = []
-        for setting in GEMM_SWIGLU_GRID:
-
-            def run(setting: tuple = setting) -> list[torch.Tensor]:
-                return [gemm_swiglu_triton(x, w, tiles=setting[0], tma=setting[1], out=out)]
-
-            try:
-                rel, ok = compare(run(), ref)
-            except triton.runtime.errors.OutOfResources:
-                continue  # its tiles do not fit in shared memory or registers
-            if not ok:
-                print(f"  {setting}: wrong (rel err {rel:.2e})")
-                continue
-            timed.append((graph_time(run), setting))
-        for t, setting in sorted(timed)[:top]:
-            print(f"  {t * 1e3:8.1f} us {flops / t / 1e9:5.0f} TFLOP/s {base / t:5.2f}x  {setting}")
-
     def gemv(self, name: str, n: int, k: int) -> None:
         x, w, out_elem = self.randn(1, k), self.randn(n, k) / k**0.5, self.dtype.itemsize
         self.record(
@@ -684,8 +634,6 @@ def main() -> None:
     gemms = itertools.product(shapes.gemm_rows, shapes.linears) if "gemm" in groups else ()
     for rows, (name, n, k) in gemms:
         bench.gemm(name, n, k, rows)
-    for rows in shapes.gemm_rows if "gemm-swiglu" in groups else ():
-        bench.gemm_swiglu(rows)
     for name, n, k in shapes.linears if "gemv-sweep" in groups else ():
         bench.gemv_sweep(name, n, k)
     print(f"\n{HEADER}")

@@ -18,12 +18,11 @@ def test_kernel_sweeps_check_every_candidate() -> None:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    groups = "decode-ragged,prefill-sweep,gemm-swiglu"
     proc = subprocess.run(
-        [sys.executable, "bench/kernels.py", "--tiny", "--only", groups],
+        [sys.executable, "bench/kernels.py", "--tiny", "--only", "decode-ragged,prefill-sweep"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "wrong" not in proc.stdout
-    for heading in ("decode ragged, batch 5", "prefill sweep prompts", "gate_up + silu, 16 rows"):
+    for heading in ("decode ragged, batch 5", "prefill sweep prompts"):
         assert heading in proc.stdout
