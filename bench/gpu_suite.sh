@@ -11,7 +11,8 @@
 #                                    kernels summed by kind, the GEMV and decode-attention
 #                                    launch-setting sweeps, cuBLAS rates (~9 min)
 #   bash bench/gpu_suite.sh sweeps   kernel candidates: decode attention over mixed context
-#                                    lengths, prefill attention's launch settings (~5 min)
+#                                    lengths, prefill attention's launch settings (~5 min);
+#                                    SHAPES=llama-3.2-1b for head_dim 64
 #   bash bench/gpu_suite.sh budget   both workloads at step budgets (max_prefill_token_num)
 #                                    BUDGETS (default 4096 8192 16384) (~8 min)
 #   AB_BASE="DIR|COMMIT ..." bash bench/gpu_suite.sh ab
@@ -107,8 +108,8 @@ case "${1:-quick}" in
     python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$" | tail -40
     ;;
   sweeps)
-    python bench/kernels.py --only decode-ragged,prefill-sweep 2>&1 \
-      | grep -v "^kernel\|^$\|compiled" | tail -120
+    python bench/kernels.py --shapes "${SHAPES:-llama-3.1-8b}" \
+      --only decode-ragged,prefill-sweep 2>&1 | grep -v "^kernel\|^$\|compiled" | tail -120
     ;;
   ab)
     here=$(pwd) trees=() names=()

@@ -3,6 +3,7 @@
     python bench/kernels.py                              # on a GPU: check, time, print a table
     python bench/kernels.py --json kernels.json          # also write the numbers
     TRITON_INTERPRET=1 python bench/kernels.py --tiny    # CPU dry run of every check
+    python bench/kernels.py --shapes llama-3.2-1b        # head_dim 64 and the 1B's matrices
     python bench/kernels.py --only gemv-sweep            # the one-row GEMV's launch settings
     python bench/kernels.py --only decode-sweep          # decode attention's launch settings
     python bench/kernels.py --only decode-ragged         # its split counts and program order
@@ -134,6 +135,20 @@ LLAMA_8B = Shapes(
         ("lm_head", 128256, 4096),
     ),
 )
+# Llama-3.2-1B: head_dim 64 (as SmolLM2's), the same GQA 4 and cases, its own matrices.
+LLAMA_1B = replace(
+    LLAMA_8B,
+    head_dim=64,
+    hidden=2048,
+    intermediate=8192,
+    linears=(
+        ("qkv", 3072, 2048),
+        ("o", 2048, 2048),
+        ("gate_up", 16384, 2048),
+        ("down", 2048, 8192),
+        ("lm_head", 128256, 2048),
+    ),
+)
 TINY = Shapes(
     num_heads=4,
     num_kv_heads=2,
@@ -150,6 +165,8 @@ TINY = Shapes(
     gemm_rows=(4, 16),
     linears=(("proj", 40, 64), ("wide", 96, 1100)),
 )
+
+SHAPES = {"llama-3.1-8b": LLAMA_8B, "llama-3.2-1b": LLAMA_1B}
 
 
 @dataclass
@@ -594,6 +611,9 @@ class Bench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (interpreter dry run)")
+    parser.add_argument(
+        "--shapes", choices=sorted(SHAPES), default="llama-3.1-8b", help="the model's shapes"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument(
         "--only", default="decode,prefill,elementwise,gemv", help="comma-separated groups to run"
@@ -605,7 +625,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The interpreter cannot multiply bf16 in tl.dot (triton-lang/triton#11584): fp16 on CPU.
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    shapes = TINY if args.tiny else LLAMA_8B
+    shapes = TINY if args.tiny else SHAPES[args.shapes]
     if args.gemm_rows:
         shapes = replace(shapes, gemm_rows=tuple(int(n) for n in args.gemm_rows.split(",")))
     print(f"device: {describe_device()}, triton {triton.__version__}, {dtype}", flush=True)
