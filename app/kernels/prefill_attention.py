@@ -143,10 +143,11 @@ def _tile_shape(
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, GROUP_PAD, BLOCK_N, num_warps, num_stages): about 128 query rows and 64 keys
     per step for rows of up to 256 bytes, half of each for wider rows, whose tiles would not fit
-    in registers otherwise. 16-bit head_dim 128 takes 256 rows and three load stages: 1.3-1.5x
-    faster on an H200 (`bench/kernels.py --only prefill-sweep`, GQA 4). An int8 cache's tiles
-    are converted in registers before the dot: 32 keys, 4 warps and no load pipelining measured
-    1.2-1.6x faster there on an H100 (head_dim 128, GQA 4)."""
+    in registers otherwise. 16-bit head_dim 128 takes 256 rows and three load stages, 16-bit
+    head_dim 64 eight warps: 1.3-1.5x and 1.2x faster on an H200 (`bench/kernels.py
+    --only prefill-sweep`, GQA 4). An int8 cache's tiles are converted in registers before the
+    dot: 32 keys, 4 warps and no load pipelining measured 1.2-1.6x faster there on an H100
+    (head_dim 128, GQA 4)."""
     group_pad = triton.next_power_of_2(group)
     wide = head_dim * elem_size > 256
     block_q = max(1, (64 if wide else 128) // group_pad)
@@ -154,6 +155,8 @@ def _tile_shape(
         return block_q, group_pad, 32, 4, 1
     if elem_size == 2 and head_dim == 128:
         return max(1, 256 // group_pad), group_pad, 64, 8, 3
+    if elem_size == 2 and head_dim == 64:
+        return block_q, group_pad, 64, 8, 2
     return block_q, group_pad, 32 if wide else 64, 8 if head_dim >= 128 else 4, 2
 
 
