@@ -62,7 +62,7 @@ from app.kernels.norm import (
     rms_norm_ref,
     rms_norm_triton,
 )
-from app.kernels.prefill_attention import paged_prefill_attention
+from app.kernels.prefill_attention import paged_prefill_attention, prefill_tiles
 from app.kernels.rotary import rotary_and_cache_ref, rotary_and_cache_triton
 from bench.common import describe_device
 
@@ -475,14 +475,12 @@ class Bench:
                 print(f"  {setting}: wrong (rel err {rel:.2e})")
                 continue
             timed.append((bench_time(run_setting), setting))
-        timed.sort()
-        chosen = bench_time(run)
-        print(
-            f"prefill sweep {name}: now {chosen * 1e3:.1f} us "
-            f"({work / chosen / 1e9:.0f} TFLOP/s); best (query tokens, keys, warps, stages):"
+        block_q, _, block_n, warps, stages = prefill_tiles(
+            s.head_dim, s.num_heads // s.num_kv_heads, q.element_size(), False
         )
-        for t, setting in timed[:5]:
-            print(f"  {t * 1e3:8.1f} us {work / t / 1e9:5.0f} TFLOP/s  {setting}", flush=True)
+        rule = "prefill_tiles (query tokens, keys, warps, stages)"
+        chosen = (block_q, block_n, warps, stages)
+        self.print_sweep(f"prefill sweep {name}", rule, chosen, timed, work, unit="TFLOP/s")
 
     # -- elementwise ----------------------------------------------------------------------
 
@@ -598,14 +596,16 @@ class Bench:
     @staticmethod
     def print_sweep(
         title: str, rule: str, chosen: tuple, timed: list[tuple[float, tuple]], work: float,
-        top: int = 5,
+        top: int = 5, unit: str = "GB/s",
     ) -> None:  # fmt: skip
-        """The rule's current setting and the `top` fastest, with their GB/s of `work` bytes."""
+        """The rule's current setting and the `top` fastest, with their rate of `work` (bytes
+        for GB/s, operations for TFLOP/s)."""
+        per_ms = {"GB/s": 1e6, "TFLOP/s": 1e9}[unit]
         timed.sort()
         now = next((t for t, setting in timed if setting == chosen), float("nan"))
         print(f"{title}: {rule} {chosen} {now * 1e3:.1f} us; best:", flush=True)
         for t, setting in timed[:top]:
-            print(f"  {t * 1e3:8.1f} us {work / t / 1e6:7.0f} GB/s  {setting}", flush=True)
+            print(f"  {t * 1e3:8.1f} us {work / t / per_ms:7.0f} {unit}  {setting}", flush=True)
 
 
 def main() -> None:

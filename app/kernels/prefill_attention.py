@@ -138,7 +138,7 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _tile_shape(
+def prefill_tiles(
     head_dim: int, group: int, elem_size: int, int8: bool
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, GROUP_PAD, BLOCK_N, num_warps, num_stages): about 128 query rows and 64 keys
@@ -179,7 +179,7 @@ def paged_prefill_attention(
     the paged cache, which already holds their own keys/values. Returns `[T, H, hd]`.
 
     The grid comes from T and the batch size only; tensor values stay on the device. `tiles`
-    (query tokens per tile, keys per tile, warps, stages) overrides `_tile_shape`'s choice.
+    (query tokens per tile, keys per tile, warps, stages) overrides `prefill_tiles`' choice.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -190,7 +190,7 @@ def paged_prefill_attention(
     if out is None:
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     group = num_heads // num_kv_heads
-    block_q, group_pad, block_n, num_warps, num_stages = _tile_shape(
+    block_q, group_pad, block_n, num_warps, num_stages = prefill_tiles(
         head_dim, group, q.element_size(), kv_scales is not None
     )
     if tiles is not None:
