@@ -13,6 +13,8 @@
 #   bash bench/gpu_suite.sh sweeps   kernel candidates: decode attention over mixed context
 #                                    lengths, prefill attention's launch settings (~5 min);
 #                                    SHAPES=llama-3.2-1b for head_dim 64
+#   bash bench/gpu_suite.sh batch1   batch-1 decode on the 1B and 8B shapes with every step traced:
+#                                    device time per step against the gaps between steps (~3 min)
 #   bash bench/gpu_suite.sh budget   both workloads at step budgets (max_prefill_token_num)
 #                                    BUDGETS (default 4096 8192 16384) (~8 min)
 #   AB_BASE="DIR|COMMIT ..." bash bench/gpu_suite.sh ab
@@ -106,6 +108,15 @@ case "${1:-quick}" in
     done
     python bench/kernels.py --only gemv-sweep,gemm 2>&1 | grep -v "^kernel\|^$" | tail -40
     python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$" | tail -40
+    ;;
+  batch1)
+    for shape in llama-3.2-1b llama-3.1-8b; do
+      echo "== $shape, traced"
+      SPLITFUSE_STEP_TRACE="$out/steps-$shape.jsonl" python bench/latency.py --model-config "$shape" \
+        --dtype bfloat16 --runs 2 --skip-hf 2>&1 | tail -1
+      python bench/trace_report.py "$out/steps-$shape.jsonl" --json "$out/steps-$shape.json" \
+        | grep -v " n 0 "
+    done
     ;;
   sweeps)
     python bench/kernels.py --shapes "${SHAPES:-llama-3.1-8b}" \
