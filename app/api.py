@@ -48,7 +48,9 @@ class _Request:
     grammar: CompiledGrammar | None
 
     def generate(self, engine: AsyncEngine, stream: bool = True) -> AsyncIterator[RequestOutput]:
-        return engine.generate(self.ids, self.params, grammar=self.grammar, stream=stream)
+        return engine.generate(
+            self.ids, self.params, grammar=self.grammar, stream=stream, validated=True
+        )
 
 
 class Pipeline:
@@ -193,7 +195,7 @@ class Pipeline:
 
         async def one(ids: list[int]) -> float:
             logprobs: list[float] = []
-            async for out in self.engine.generate(ids, params, stream=False):
+            async for out in self.engine.generate(ids, params, stream=False, validated=True):
                 logprobs = out.prompt_logprobs or logprobs
             return -math.fsum(logprobs) / len(logprobs)
 

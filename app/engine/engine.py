@@ -167,6 +167,7 @@ class AsyncEngine:
         stream: bool = True,
         grammar_after: list[int] | tuple[int, ...] | None = None,
         reasoning_open: int | None = None,
+        validated: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas; leaving the iteration early aborts the request.
 
@@ -174,8 +175,10 @@ class AsyncEngine:
         False each sample yields one output when it finishes, which costs the loop far less.
         With `grammar_after` (the token ids that close a reasoning section) the grammar applies
         only to what follows them; with `reasoning_open` as well, the section exists only if the
-        model samples that token first, else the grammar applies from the start."""
-        self.validate(prompt_ids, params, session_id)
+        model samples that token first, else the grammar applies from the start. `validated`
+        says the caller has passed these arguments through `validate` already."""
+        if not validated:
+            self.validate(prompt_ids, params, session_id)
         self.start()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:

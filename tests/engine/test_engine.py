@@ -85,6 +85,24 @@ def test_a_large_batch_starts_stepping_while_it_is_admitted(tiny_model_dir: Path
     assert [r.generate_token_len for r in results] == [2] * len(prompts)
 
 
+def test_pipeline_checks_each_prompt_once(tiny_model_dir: Path) -> None:
+    # All prompts are checked before any starts; the engine does not check them again.
+    with pipeline(str(tiny_model_dir), backend_config=EngineConfig(block_size=16)) as pipe:
+        checked: list[list[int]] = []
+        validate = pipe.engine.validate
+
+        def counted(prompt_ids, *args):  # type: ignore[no-untyped-def]
+            checked.append(list(prompt_ids))
+            return validate(prompt_ids, *args)
+
+        pipe.engine.validate = counted
+        prompts = [[100, 200, 300], [101, 201]]
+        config = GenerationConfig(max_new_tokens=2, ignore_eos=True)
+        assert [r.generate_token_len for r in pipe(prompts, gen_config=config)] == [2, 2]
+        assert len(pipe.get_ppl(prompts)) == 2
+    assert checked == prompts + prompts
+
+
 def test_session_turns_prefill_only_new_tokens(engine: AsyncEngine) -> None:
     params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
 
