@@ -10,6 +10,7 @@
     python bench/kernels.py --only prefill-sweep         # prefill attention's launch settings
     python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
     python bench/kernels.py --only gemm --gemm-rows 256,264,272  # ... at these token counts
+    python bench/kernels.py --only overlap               # GEMMs beside decode attention
 
 Each case runs on random inputs (outputs poisoned with NaN first, unwritten cache slots NaN),
 checks the kernel against the reference (relative error ||out - ref|| / ||ref|| within bf16
@@ -86,6 +87,8 @@ class Shapes:
     gemm_rows: tuple[int, ...]  # token counts `--only gemm` times cuBLAS at
     prefill: tuple[tuple[str, Batch], ...]
     prefill_sweep: tuple[str, ...]  # names of `prefill` cases `--only prefill-sweep` times
+    # (decode sequences, their context, GEMM rows) per micro-batch: `--only overlap`
+    overlap: tuple[tuple[int, int, int], ...]
     tokens: tuple[int, ...]  # rows for the norm / rotary / activation kernels (block multiples)
     linears: tuple[tuple[str, int, int], ...]  # (name, out features, in features) for the GEMV
 
@@ -125,6 +128,9 @@ LLAMA_8B = Shapes(
         ("256 dec @384 + chunk 512", ((384, 1),) * 256 + ((512, 512),)),
     ),
     prefill_sweep=("prompt 8192", "15 prompts 128-1024"),
+    # Half of a decode step of `mixed` (contexts ~768) and of `random-256` (~384); the GEMM rows
+    # at 256 (decodes only) and 512 (with a prefill chunk).
+    overlap=((256, 768, 256), (256, 768, 512), (256, 384, 256), (128, 1024, 128)),
     tokens=(256, 8192),
     gemm_rows=(512, 8192),  # a full decode batch, an admission step's token budget
     linears=(
@@ -161,6 +167,7 @@ TINY = Shapes(
     decode_ragged=((5, 20, 300),),
     prefill=(("mixed", ((17, 1), (300, 1), (40, 40), (90, 30))), ("prompts", ((40, 40), (90, 90)))),
     prefill_sweep=("prompts",),
+    overlap=((3, 100, 8),),
     tokens=(32,),
     gemm_rows=(4, 16),
     linears=(("proj", 40, 64), ("wide", 96, 1100)),
@@ -482,6 +489,61 @@ class Bench:
         chosen = (block_q, block_n, warps, stages)
         self.print_sweep(f"prefill sweep {name}", rule, chosen, timed, work, unit="TFLOP/s")
 
+    def overlap(self, batch_size: int, context: int, rows: int) -> None:
+        """A layer's four GEMMs on `rows` tokens beside decode attention over `batch_size`
+        sequences of `context`: one after the other, then on two streams at once. Two
+        micro-batches, each one's GEMMs running beside the other's attention, would take twice
+        the concurrent time where the whole batch takes its GEMMs and attention in turn."""
+        q, k_cache, v_cache, _, meta = self.decode_inputs(batch_size, context, 0)
+        scale, out = self.s.head_dim**-0.5, self.nan(*q.shape)
+        mats = [(self.randn(n, k) / k**0.5, k) for name, n, k in self.s.linears[:4]]
+        x = {m: {k: self.randn(m, k) for _, k in mats} for m in (rows, 2 * rows)}
+        args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        whole = self.decode_inputs(2 * batch_size, context, 0)
+        whole_args = (whole[0], whole[1], whole[2], whole[4].block_tables, whole[4].seq_lens)
+        whole_out = self.nan(*whole[0].shape)
+
+        def gemms(m: int = rows) -> None:
+            for w, k in mats:
+                torch.nn.functional.linear(x[m][k], w)
+
+        def attend() -> None:
+            paged_decode_attention(*args, out=out)
+
+        def serial() -> None:
+            gemms()
+            attend()
+
+        def whole_step() -> None:
+            gemms(2 * rows)
+            paged_decode_attention(*whole_args, scale, out=whole_out)
+
+        side = [torch.cuda.Stream() for _ in range(2)] if q.is_cuda else []
+
+        def concurrent() -> None:
+            if not side:
+                return serial()
+            main = torch.cuda.current_stream()
+            for stream, work in zip(side, (gemms, attend), strict=True):
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    work()
+            for stream in side:
+                main.wait_stream(stream)
+
+        times = {f.__name__: bench_time(f) for f in (gemms, attend, serial, concurrent)}
+        both = bench_time(whole_step)
+        print(
+            f"overlap: {rows} GEMM rows beside {batch_size} x {context} decode attention: "
+            f"GEMMs {times['gemms'] * 1e3:.0f} us, attention {times['attend'] * 1e3:.0f} us, "
+            f"in turn {times['serial'] * 1e3:.0f} us, on two streams "
+            f"{times['concurrent'] * 1e3:.0f} us ({times['concurrent'] / times['serial']:.2f}); "
+            f"the whole batch ({2 * rows} rows, {2 * batch_size} sequences) in turn "
+            f"{both * 1e3:.0f} us against two micro-batches {2 * times['concurrent'] * 1e3:.0f} us "
+            f"({2 * times['concurrent'] / both:.2f})",
+            flush=True,
+        )
+
     # -- elementwise ----------------------------------------------------------------------
 
     def norms(self, tokens: int) -> None:
@@ -656,6 +718,8 @@ def main() -> None:
         bench.gemm(name, n, k, rows)
     for name, n, k in shapes.linears if "gemv-sweep" in groups else ():
         bench.gemv_sweep(name, n, k)
+    for case in shapes.overlap if "overlap" in groups else ():
+        bench.overlap(*case)
     print(f"\n{HEADER}")
     for row in bench.rows:
         print(row.line())
