@@ -491,7 +491,8 @@ class Bench:
 
     def overlap(self, batch_size: int, context: int, rows: int) -> None:
         """A layer's four GEMMs on `rows` tokens beside decode attention over `batch_size`
-        sequences of `context`: one after the other, then on two streams at once. Two
+        sequences of `context`: one after the other, then on two streams at once, with cuBLAS
+        given every SM or leaving some to the attention (torch's experimental SM carveout). Two
         micro-batches, each one's GEMMs running beside the other's attention, would take twice
         the concurrent time where the whole batch takes its GEMMs and attention in turn."""
         q, k_cache, v_cache, _, meta = self.decode_inputs(batch_size, context, 0)
@@ -510,10 +511,6 @@ class Bench:
         def attend() -> None:
             paged_decode_attention(*args, out=out)
 
-        def serial() -> None:
-            gemms()
-            attend()
-
         def whole_step() -> None:
             gemms(2 * rows)
             paged_decode_attention(*whole_args, scale, out=whole_out)
@@ -522,7 +519,8 @@ class Bench:
 
         def concurrent() -> None:
             if not side:
-                return serial()
+                gemms()
+                return attend()
             main = torch.cuda.current_stream()
             for stream, work in zip(side, (gemms, attend), strict=True):
                 stream.wait_stream(main)
@@ -531,18 +529,24 @@ class Bench:
             for stream in side:
                 main.wait_stream(stream)
 
-        times = {f.__name__: bench_time(f) for f in (gemms, attend, serial, concurrent)}
-        both = bench_time(whole_step)
+        attention, both = bench_time(attend), bench_time(whole_step)
         print(
-            f"overlap: {rows} GEMM rows beside {batch_size} x {context} decode attention: "
-            f"GEMMs {times['gemms'] * 1e3:.0f} us, attention {times['attend'] * 1e3:.0f} us, "
-            f"in turn {times['serial'] * 1e3:.0f} us, on two streams "
-            f"{times['concurrent'] * 1e3:.0f} us ({times['concurrent'] / times['serial']:.2f}); "
-            f"the whole batch ({2 * rows} rows, {2 * batch_size} sequences) in turn "
-            f"{both * 1e3:.0f} us against two micro-batches {2 * times['concurrent'] * 1e3:.0f} us "
-            f"({2 * times['concurrent'] / both:.2f})",
+            f"overlap: {rows} GEMM rows beside {batch_size} x {context} decode attention "
+            f"({attention * 1e3:.0f} us); the whole batch ({2 * rows} rows, {2 * batch_size} "
+            f"sequences) in turn {both * 1e3:.0f} us",
             flush=True,
         )
+        for carveout in (0, 16, 32, 48, 64) if side else (0,):
+            torch._C._set_sm_carveout_experimental(carveout or None)
+            alone, paired = bench_time(gemms), bench_time(concurrent)
+            print(
+                f"  cuBLAS leaving {carveout:>2} SMs: GEMMs {alone * 1e3:.0f} us, in turn with "
+                f"the attention {(alone + attention) * 1e3:.0f} us, on two streams "
+                f"{paired * 1e3:.0f} us ({paired / (alone + attention):.2f}); two micro-batches "
+                f"{2 * paired * 1e3:.0f} us against the whole batch ({2 * paired / both:.2f})",
+                flush=True,
+            )
+        torch._C._set_sm_carveout_experimental(None)
 
     # -- elementwise ----------------------------------------------------------------------
 
