@@ -1,6 +1,8 @@
 """Engine correctness on a GPU: greedy tokens and logits against transformers on the same device.
 
     python bench/gpu_check.py            # random small Llama/Qwen2 models, fp32 and bf16
+    python bench/gpu_check.py --model M  # a model with real weights (a directory or a .gguf)
+                                         # on chat prompts, each answer ending at its eos
 
 For each model: transformers' greedy continuation of several prompts (one at a time) against
 splitfuse's in one batch, with chunked prefill, the prefix cache and CUDA graphs (and eager),
@@ -11,6 +13,8 @@ matching tokens; exits 1 if fp32 matches less than 90%.
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import random
 import sys
 import tempfile
@@ -53,10 +57,36 @@ def make_model(kind: str, root: Path) -> Path:
     return out
 
 
-def reference(model_dir: Path, prompts: list[list[int]], new: int, dtype: torch.dtype) -> list:
+def chat_prompts(model_dir: Path) -> list[list[int]]:
+    """Chat-templated questions of a few to ~60 tokens, as token ids."""
+    from transformers import AutoTokenizer
+
+    questions = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "Hi",
+        "Explain in one sentence why the sky is blue, and name the scattering effect.",
+        "List the planets of the solar system in order from the sun, with one fact about each.",
+    ]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in questions
+    ]
+    return [tok(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def reference(
+    model_dir: Path, prompts: list[list[int]], new: int, dtype: torch.dtype, until_eos: bool
+) -> list:
+    """transformers' greedy tokens, one prompt at a time: `new` of them, or up to and including
+    the eos token when `until_eos`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+    length = {} if until_eos else {"min_new_tokens": new}
     outs = []
     for ids in prompts:
         t = torch.tensor([ids], device="cuda")
@@ -65,9 +95,9 @@ def reference(model_dir: Path, prompts: list[list[int]], new: int, dtype: torch.
                 t,
                 attention_mask=torch.ones_like(t),
                 max_new_tokens=new,
-                min_new_tokens=new,
                 do_sample=False,
                 pad_token_id=0,
+                **length,
             )
         outs.append(gen[0, len(ids) :].tolist())
     return outs
@@ -83,6 +113,7 @@ def ours(
     one_at_a_time: bool = False,
     quant_policy: int = 0,
     device: str = "auto",
+    until_eos: bool = False,
 ) -> tuple[list, dict]:
     from app import EngineConfig, GenerationConfig, pipeline
 
@@ -96,7 +127,7 @@ def ours(
         max_batch_size=32,
     )
     with pipeline(str(model_dir), backend_config=config) as pipe:
-        gen = GenerationConfig(max_new_tokens=new, top_k=1, ignore_eos=True)
+        gen = GenerationConfig(max_new_tokens=new, top_k=1, ignore_eos=not until_eos)
         if one_at_a_time:  # batch-1 decodes: the bucket-1 graph and the one-row linears
             first = [pipe([ids], gen_config=gen)[0] for ids in prompts]
             again = [pipe([ids], gen_config=gen)[0] for ids in prompts]
@@ -109,55 +140,84 @@ def ours(
 
 
 def share_equal(got: list[list[int]], ref: list[list[int]]) -> float:
-    pairs = [(a, b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True)]
+    """The share of positions with equal tokens; a shorter answer's missing tokens count as
+    unequal."""
+    pairs = [
+        (a, b)
+        for g, r in zip(got, ref, strict=True)
+        for a, b in itertools.zip_longest(g, r, fillvalue=-1)
+    ]
     return sum(a == b for a, b in pairs) / len(pairs)
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+
+
+def check_model(
+    name: str, model_dir: Path, prompts: list[list[int]], new: int, until_eos: bool
+) -> bool:
+    """Print each mode's agreement with transformers; True if float32 fails (under 90% of
+    tokens equal, or different answers on a second run through the prefix cache)."""
+    failed = False
+    ref32 = reference(model_dir, prompts, new, torch.float32, until_eos)
+    ref16 = reference(model_dir, prompts, new, torch.bfloat16, until_eos)
+    for dtype, ref in (("float32", ref32), ("bfloat16", ref16)):
+        modes = ((False, 8192, False), (True, 256, False), (False, 64, False))
+        for eager, budget, alone in (*modes, (False, 8192, True)):
+            got, stats = ours(
+                model_dir, prompts, new, dtype, eager, budget, alone, until_eos=until_eos
+            )
+            exact = got == ref
+            share = share_equal(got, ref)
+            label = f"{name} {dtype} {'eager' if eager else 'graphs'} budget {budget}"
+            label += " batch 1" if alone else ""
+            bad = dtype == "float32" and share < 0.9
+            status = "ok" if exact else ("FAIL" if bad else "differs")
+            print(
+                f"{label:<40} tokens equal: {share:6.1%}  {status}  "
+                f"(prefix hits {stats['prefix_cache_hits']}, same with them: "
+                f"{stats['same_with_prefix_cache']})",
+                flush=True,
+            )
+            failed |= bad or (dtype == "float32" and not stats["same_with_prefix_cache"])
+    # An int8 KV cache (quant_policy=8), reported, not judged: its rounding noise alone moves
+    # most greedy tokens of a random-weight model (near-tied logits) even against the same
+    # engine on the CPU; `bench/kernels.py` checks the int8 kernels against the torch reference
+    # at real shapes, and the CPU tests the bundled model's answers.
+    for budget in (8192, 64):
+        int8 = {"quant_policy": 8, "until_eos": until_eos}
+        got, _ = ours(model_dir, prompts, new, "float32", False, budget, **int8)
+        cpu, _ = ours(model_dir, prompts, new, "float32", True, budget, False, device="cpu", **int8)
+        agree = [first_difference(g, c) for g, c in zip(got, cpu, strict=True)]
+        print(
+            f"{name + ' float32 int8 KV budget ' + str(budget):<40} tokens equal: "
+            f"{share_equal(got, cpu):6.1%} vs the CPU's int8 (first difference at "
+            f"{agree}); {share_equal(got, ref32):6.1%} vs transformers (float32 KV)",
+            flush=True,
+        )
+    return failed
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="a model directory or .gguf file")
+    args = parser.parse_args()
+    failed = False
+    if args.model:
+        from app.engine.loader import resolve_model_dir
+
+        model_dir = resolve_model_dir(args.model)
+        answers = chat_prompts(model_dir)
+        print(f"{model_dir.name}: prompts of {[len(p) for p in answers]} tokens", flush=True)
+        failed = check_model(Path(args.model).stem, model_dir, answers, 96, until_eos=True)
+        sys.exit(1 if failed else 0)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in (5, 77, 130, 300, 1000)]
-    new = 48
-    failed = False
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("llama", "qwen2"):
             model_dir = make_model(kind, Path(tmp))
-            ref32 = reference(model_dir, prompts, new, torch.float32)
-            ref16 = reference(model_dir, prompts, new, torch.bfloat16)
-            for dtype, ref in (("float32", ref32), ("bfloat16", ref16)):
-                modes = ((False, 8192, False), (True, 256, False), (False, 64, False))
-                for eager, budget, alone in (*modes, (False, 8192, True)):
-                    got, stats = ours(model_dir, prompts, new, dtype, eager, budget, alone)
-                    exact = got == ref
-                    share = share_equal(got, ref)
-                    label = f"{kind} {dtype} {'eager' if eager else 'graphs'} budget {budget}"
-                    label += " batch 1" if alone else ""
-                    bad = dtype == "float32" and share < 0.9
-                    status = "ok" if exact else ("FAIL" if bad else "differs")
-                    print(
-                        f"{label:<40} tokens equal: {share:6.1%}  {status}  "
-                        f"(prefix hits {stats['prefix_cache_hits']}, same with them: "
-                        f"{stats['same_with_prefix_cache']})",
-                        flush=True,
-                    )
-                    failed |= bad or (dtype == "float32" and not stats["same_with_prefix_cache"])
-            # An int8 KV cache (quant_policy=8), reported, not judged: its rounding noise alone
-            # moves most greedy tokens of a random-weight model (near-tied logits) even against
-            # the same engine on the CPU; `bench/kernels.py` checks the int8 kernels against the
-            # torch reference at real shapes, and the CPU tests the bundled model's answers.
-            for budget in (8192, 64):
-                got, _ = ours(model_dir, prompts, new, "float32", False, budget, quant_policy=8)
-                cpu, _ = ours(model_dir, prompts, new, "float32", True, budget, False, 8, "cpu")
-                agree = [first_difference(g, c) for g, c in zip(got, cpu, strict=True)]
-                print(
-                    f"{kind + ' float32 int8 KV budget ' + str(budget):<40} tokens equal: "
-                    f"{share_equal(got, cpu):6.1%} vs the CPU's int8 (first difference at "
-                    f"{agree}); {share_equal(got, ref32):6.1%} vs transformers (float32 KV)",
-                    flush=True,
-                )
+            failed |= check_model(kind, model_dir, prompts, 48, until_eos=False)
     sys.exit(1 if failed else 0)
 
 

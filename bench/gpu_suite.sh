@@ -15,6 +15,10 @@
 #                                    SHAPES=llama-3.2-1b for head_dim 64
 #   bash bench/gpu_suite.sh batch1   batch-1 decode on the 1B and 8B shapes with every step traced:
 #                                    device time per step against the gaps between steps (~3 min)
+#   MODEL=F.gguf bash bench/gpu_suite.sh smollm2
+#                                    a model with real weights (the bundled SmolLM2's GGUF, or
+#                                    a model directory): greedy tokens against transformers,
+#                                    batch-1 latency, random-256 and mixed (~6 min)
 #   bash bench/gpu_suite.sh budget   both workloads at step budgets (max_prefill_token_num)
 #                                    BUDGETS (default 4096 8192 16384) (~8 min)
 #   AB_BASE="DIR|COMMIT ..." bash bench/gpu_suite.sh ab
@@ -74,6 +78,14 @@ case "${1:-quick}" in
       --skip-hf --json "$out/tp-8b-random.json" 2>&1 | tail -8
     python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 --workload mixed \
       --hf-num-prompts 32 --hf-batch-size 32 --json "$out/tp-8b-mixed.json" 2>&1 | tail -8
+    ;;
+  smollm2)
+    python bench/gpu_check.py --model "$MODEL" 2>&1 | grep -v "it/s"
+    python bench/latency.py --model "$MODEL" --dtype bfloat16 --json "$out/latency-smollm2.json" 2>&1 | tail -6
+    for workload in random-256 mixed; do
+      python bench/throughput.py --model "$MODEL" --dtype bfloat16 --workload $workload --hf-num-prompts 128 \
+        --hf-batch-size 64 --json "$out/tp-smollm2-$workload.json" 2>&1 | tail -8
+    done
     ;;
   serve)
     # Online serving on the 8B shape; SERVE_FLAGS adds server flags (e.g. --no-async-scheduling).
