@@ -497,7 +497,7 @@ class Bench:
         the concurrent time where the whole batch takes its GEMMs and attention in turn."""
         q, k_cache, v_cache, _, meta = self.decode_inputs(batch_size, context, 0)
         scale, out = self.s.head_dim**-0.5, self.nan(*q.shape)
-        mats = [(self.randn(n, k) / k**0.5, k) for name, n, k in self.s.linears[:4]]
+        mats = [(self.randn(n, k) / k**0.5, k) for _, n, k in self.s.linears[:4]]
         x = {m: {k: self.randn(m, k) for _, k in mats} for m in (rows, 2 * rows)}
         args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
         whole = self.decode_inputs(2 * batch_size, context, 0)
