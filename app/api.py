@@ -17,6 +17,8 @@ from app.engine.grammar_spec import GrammarSpec
 from app.engine.outputs import RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:
+    import torch
+
     from app.engine.grammar import CompiledGrammar
 
 Prompt = str | list[dict[str, Any]] | list[int]  # text, messages or token ids
@@ -39,6 +41,11 @@ class Response:
     logprobs: list[dict[int, float]] | None = None
     index: int = 0
     session_id: int | None = None
+    # GenerationConfig.output_logits / output_last_hidden_state: float32 tensors, one row per
+    # generated token ("generation") or per position, the prompt's first ("all"); from
+    # stream_infer, on each prompt's last delta.
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
 
 
 @dataclass
@@ -262,6 +269,8 @@ def _response(out: RequestOutput, input_len: int, index: int) -> Response:
         token_ids=out.token_ids,
         logprobs=_logprob_dicts(out.logprobs),
         index=index,
+        logits=out.logits,
+        last_hidden_state=out.last_hidden_state,
     )
 
 
@@ -290,6 +299,8 @@ async def _collect(stream: AsyncIterator[RequestOutput], input_len: int, index: 
         token_ids=token_ids,
         logprobs=_logprob_dicts(logprobs) if logprobs else None,
         index=index,
+        logits=last.logits,
+        last_hidden_state=last.last_hidden_state,
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+RowOutput = Literal["all", "generation"]
 
 
 def all_ints(values: Iterable[object]) -> bool:
@@ -122,6 +123,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and top-k alternatives
     prompt_logprobs: bool = False
+    # "generation": the logits (or final hidden states) of each sampled token's step; "all":
+    # of every position, the prompt's included (RequestOutput carries them on its last delta).
+    output_logits: RowOutput | None = None
+    output_last_hidden_state: RowOutput | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -129,6 +134,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def all_rows(self) -> bool:
+        """Whether logits or hidden states are asked for at every position ("all")."""
+        return "all" in (self.output_logits, self.output_last_hidden_state)
+
+    @property
+    def every_position(self) -> bool:
+        """Whether each prompt position needs its own output row, so none may come from the
+        prefix cache."""
+        return self.prompt_logprobs or self.all_rows
+
+    @property
+    def row_outputs(self) -> bool:
+        """Whether the request takes more from a step than its sampled tokens (such steps run
+        eagerly, outside the CUDA graphs)."""
+        return self.every_position or bool(self.output_logits or self.output_last_hidden_state)
 
     def validate(
         self,
@@ -173,6 +195,16 @@ class SamplingParams:
         _check(
             -2.0 <= self.frequency_penalty <= 2.0,
             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        for name in ("output_logits", "output_last_hidden_state"):
+            value = getattr(self, name)
+            _check(
+                value in (None, "all", "generation"),
+                f"{name} must be 'all', 'generation' or None, got {value!r}",
+            )
+        _check(
+            self.n == 1 or not self.all_rows,
+            "output_logits / output_last_hidden_state 'all' needs n == 1",
         )
         if self.logprobs is not None:
             _check(
@@ -236,6 +268,8 @@ class GenerationConfig:
     logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     include_stop_str_in_output: bool = False
+    output_logits: RowOutput | None = None
+    output_last_hidden_state: RowOutput | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_sampling_params(self, tokenizer: Any = None) -> SamplingParams:
@@ -270,4 +304,6 @@ class GenerationConfig:
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            output_logits=self.output_logits,
+            output_last_hidden_state=self.output_last_hidden_state,
         )

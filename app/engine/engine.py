@@ -156,6 +156,8 @@ class AsyncEngine:
             )
         if session_id is not None and params.n != 1:
             raise ValueError("n > 1 is not supported in an interactive session")
+        if session_id is not None and params.every_position:
+            raise ValueError("a session turn cannot return every position's logprobs or rows")
 
     async def generate(
         self,

@@ -20,7 +20,8 @@ from torch import nn
 from app.engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_graphs
 from app.engine.models.registry import KVCacheSpec
 from app.engine.sampler import Sampler, SamplingRow
-from app.engine.scheduler import SchedulerOutput, StepOutput
+from app.engine.scheduler import ScheduledSequence, SchedulerOutput, StepOutput
+from app.engine.sequence import Sequence
 from app.kernels.attention import AttentionMetadata, new_kv_cache, token_layout
 
 
@@ -32,6 +33,43 @@ class ModelInput:
     positions: torch.Tensor  # int64 [T]
     attn: AttentionMetadata
     logit_rows: torch.Tensor  # int64 [R]: rows of the hidden states that need logits
+
+
+@dataclass
+class KeptRows:
+    """Rows of a step's logits that a sequence's request takes (output_logits, hidden states):
+    `count` rows from `row`, for positions from `first_pos` on."""
+
+    seq: Sequence
+    first_pos: int
+    row: int
+    count: int = 1
+
+    def read(
+        self, logits: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """(first position, logits, hidden states) as asked, float32 on the host."""
+        params = self.seq.params
+        rows = slice(self.row, self.row + self.count)
+
+        def copy(t: torch.Tensor) -> torch.Tensor:  # never a view that holds the step's tensor
+            return t[rows].to("cpu", torch.float32, copy=True)
+
+        return (
+            self.first_pos,
+            copy(logits) if params.output_logits else None,
+            copy(hidden) if params.output_last_hidden_state else None,
+        )
+
+
+def chunk_rows(item: ScheduledSequence) -> int:
+    """How many of a scheduled chunk's rows before its sampling row need logits: all of them for
+    a request that takes every position's logits or hidden states, the prompt's for prompt
+    logprobs, else none."""
+    params = item.seq.params
+    if params.all_rows or (params.prompt_logprobs and item.start_pos < item.seq.num_prompt_tokens):
+        return item.num_new_tokens - (1 if item.sample else 0)
+    return 0
 
 
 class ModelRunner:
@@ -95,7 +133,8 @@ class ModelRunner:
         self, out: SchedulerOutput, ahead_ids: torch.Tensor | None
     ) -> torch.Tensor | None:
         """Logits of the sampling rows from a mixed-step graph, or None when the step does not
-        fit one (too many tokens, or prompt logprobs, which need logits of every row)."""
+        fit one (too many tokens, or a request that takes other rows: prompt logprobs, logits or
+        hidden states)."""
         graphs = self.mixed_graphs
         if graphs is None:
             return None
@@ -103,7 +142,7 @@ class ModelRunner:
         num_tokens = sum(item.num_new_tokens for item in items)
         width = max(len(item.block_table) for item in items)
         if not graphs.fits(len(items), num_tokens, width) or any(
-            item.seq.params.prompt_logprobs for item in items
+            item.seq.params.row_outputs for item in items
         ):
             return None
         return self.model.compute_logits(graphs.run(items, num_tokens, ahead_ids))
@@ -127,8 +166,7 @@ class ModelRunner:
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(item.block_table)
-            if item.seq.params.prompt_logprobs and start < item.seq.num_prompt_tokens:
-                logit_rows.extend(range(row0, row0 + n - (1 if item.sample else 0)))
+            logit_rows.extend(range(row0, row0 + chunk_rows(item)))
             if item.sample:
                 logit_rows.append(row0 + n - 1)
         num_tokens, num_seqs = len(input_ids), len(query_lens)
@@ -177,6 +215,7 @@ class ModelRunner:
             events = self._start_timing(timing)
         ahead_ids = self._ahead_input_ids(out)
         kind = "decode"
+        hidden: torch.Tensor | None = None  # the final hidden states of the logit rows (eager)
         logits = self._graph_logits(out, ahead_ids)
         if logits is None:
             kind = "mixed"
@@ -187,7 +226,8 @@ class ModelRunner:
             if ahead_ids is not None:  # the leading decodes' tokens, one row each
                 inp.input_ids[: len(ahead_ids)].copy_(ahead_ids)
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn)
-            logits = self.model.compute_logits(hidden[inp.logit_rows])
+            hidden = hidden[inp.logit_rows]
+            logits = self.model.compute_logits(hidden)
         if launched is not None:
             launched()
         if timing is not None:
@@ -196,11 +236,22 @@ class ModelRunner:
 
         sample_rows: list[int] = []
         rows: list[SamplingRow] = []
+        kept: list[KeptRows] = []
         cursor = 0
         for item in out.scheduled:
             seq = item.seq
-            if seq.params.prompt_logprobs and item.start_pos < seq.num_prompt_tokens:
-                cursor = self._prompt_logprobs(step, item, logits, cursor)
+            params = seq.params
+            extra = chunk_rows(item)
+            if params.prompt_logprobs and item.start_pos < seq.num_prompt_tokens:
+                self._prompt_logprobs(step, item, logits[cursor : cursor + extra])
+            if params.output_logits or params.output_last_hidden_state:
+                if params.all_rows:  # every row of the chunk, the sampling row included
+                    taken = KeptRows(seq, item.start_pos, cursor, extra + (1 if item.sample else 0))
+                else:  # the sampling row only
+                    taken = KeptRows(seq, item.start_pos + item.num_new_tokens - 1, cursor + extra)
+                if taken.count:
+                    kept.append(taken)
+            cursor += extra
             if item.sample:
                 sample_rows.append(cursor)
                 cursor += 1
@@ -213,14 +264,18 @@ class ModelRunner:
                         self.eos_token_ids,
                     )
                 )
+        all_logits = logits
         if rows:
             mask = None if allowed is None else allowed.result().to(self.device, non_blocking=True)
             if len(sample_rows) < len(logits):  # else every row samples, in order
                 logits = logits[sample_rows]
-            sampled = self.sampler(logits, rows, mask)
+            sampled = self.sampler(logits, rows, mask)  # leaves `all_logits` as they were
             step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
             step.top_logprobs = sampled.top_logprobs
             self._last_tokens = sampled.device_ids
+        for taken in kept:
+            assert hidden is not None  # such steps run eagerly
+            step.rows[taken.seq.seq_id] = taken.read(all_logits, hidden)
         if timing is not None:
             self._end_timing(timing, events)
         return step
@@ -240,19 +295,19 @@ class ModelRunner:
             timing["device_ms"] = events[0].elapsed_time(events[1])
         timing["end"] = time.perf_counter()
 
-    def _prompt_logprobs(self, step: StepOutput, item, logits: torch.Tensor, cursor: int) -> int:
-        """Log-probability of each next prompt token inside this chunk."""
+    def _prompt_logprobs(self, step: StepOutput, item, logits: torch.Tensor) -> None:
+        """Log-probability of each next prompt token inside this chunk (`logits`: the chunk's
+        rows before its sampling row)."""
         seq = item.seq
-        n = item.num_new_tokens - (1 if item.sample else 0)
+        n = len(logits)
         targets = seq.token_ids_slice(item.start_pos + 1, item.start_pos + 1 + n)
-        rows = torch.log_softmax(logits[cursor : cursor + n].float(), dim=-1)
+        rows = torch.log_softmax(logits.float(), dim=-1)
         picked = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0]
         # A chunk that ends at the prompt's end computes the last prompt token's successor in the
         # sampling row, which belongs to the output, not the prompt.
         step.prompt_logprobs[seq.seq_id] = picked.tolist()[
             : max(0, seq.num_prompt_tokens - 1 - item.start_pos)
         ]
-        return cursor + n
 
     def _generator(self, seq_id: int, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:

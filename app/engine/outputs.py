@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.sequence import FinishReason, Sequence
 
@@ -32,6 +34,10 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens whose KV was reused (prefix cache, sibling or session)
     history_tokens: int = 0  # a session's tokens before this turn
     prompt_logprobs: list[float] | None = None  # on the last delta, when asked for
+    # output_logits / output_last_hidden_state, on the last delta: float32 [rows, vocab or
+    # hidden], one row per generated token ("generation") or per position ("all").
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
     error: str | None = None  # the reason, when finish_reason is "error"
     queue_seconds: float | None = None  # on the last delta: arrival to first schedule
 
@@ -114,6 +120,12 @@ class RequestState:
                 prompt_logprobs=seq.prompt_logprobs
                 if finish and seq.params.prompt_logprobs
                 else None,
+                logits=_kept(seq, seq.kept_logits, seq.params.output_logits) if finish else None,
+                last_hidden_state=(
+                    _kept(seq, seq.kept_hidden, seq.params.output_last_hidden_state)
+                    if finish
+                    else None
+                ),
                 error=seq.finish_message if seq.finish_reason is FinishReason.ERROR else None,
                 queue_seconds=(
                     seq.first_scheduled_time - seq.arrival_time
@@ -122,3 +134,16 @@ class RequestState:
                 ),
             )
         )
+
+
+def _kept(seq: Sequence, rows: list[torch.Tensor], mode: str | None) -> torch.Tensor | None:
+    """A finished sequence's kept rows as one tensor: every position's for "all", those of the
+    generated tokens (the last prompt position's on) for "generation"."""
+    if mode is None:
+        return None
+    if not rows:
+        return torch.empty(0)
+    kept = torch.cat(rows)
+    if mode == "generation" and seq.rows_start is not None:
+        kept = kept[len(seq.prompt_ids) - 1 - seq.rows_start :]
+    return kept

@@ -12,6 +12,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.engine.block_manager import BlockManager
 from app.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -73,6 +74,9 @@ class StepOutput:
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> chunk's
+    # seq_id -> (first position, logits, hidden states): rows kept for output_logits and
+    # output_last_hidden_state, float32 on the host.
+    rows: dict[int, tuple[int, Any, Any]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -363,7 +367,7 @@ class Scheduler:
         elif session is not None and session.block_table:
             blocks, hashes, computed = self.sessions.take_blocks(session)
             bm.adopt(seq, blocks, hashes, computed)
-        elif not seq.params.prompt_logprobs:
+        elif not seq.params.every_position:
             bm.match_prefix(seq)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -400,6 +404,9 @@ class Scheduler:
                 chunk_logprobs = prompt_logprobs.get(seq.seq_id)
                 if chunk_logprobs is not None and len(seq.prompt_logprobs) == item.start_pos:
                     seq.prompt_logprobs.extend(chunk_logprobs)  # not again when recomputing
+            kept = step.rows.get(seq.seq_id) if step.rows else None
+            if kept is not None:
+                seq.keep_rows(*kept)
             if not item.sample:
                 continue
             token_id, logprob, top = sampled

@@ -52,6 +52,12 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     prompt_logprobs: list[float] = field(default_factory=list)
+    # output_logits / output_last_hidden_state: float32 CPU tensors of consecutive positions'
+    # rows from `rows_start` (0 for "all", else the last prompt position) up to `rows_end`.
+    kept_logits: list[Any] = field(default_factory=list)
+    kept_hidden: list[Any] = field(default_factory=list)
+    rows_start: int | None = None
+    rows_end: int = 0
     grammar: Any = None  # the sequence's grammar matcher, when its output is constrained
     # Token ids that end a reasoning section: the grammar applies only after they were sampled.
     grammar_gate: tuple[int, ...] | None = None
@@ -82,6 +88,24 @@ class Sequence:
         if start >= prompt_len:
             return self.output_ids[start - prompt_len : end - prompt_len]
         return self.prompt_ids[start:] + self.output_ids[: end - prompt_len]
+
+    def keep_rows(self, first_pos: int, logits: Any, hidden: Any) -> None:
+        """Keep a step's rows (positions `first_pos` on) of those not kept yet: a prefill that
+        recomputes a preempted sequence repeats positions whose rows are already here."""
+        if self.rows_start is None:
+            start = 0 if self.params.all_rows else len(self.prompt_ids) - 1
+            self.rows_start = self.rows_end = start
+        count = (logits if logits is not None else hidden).shape[0]
+        skip = self.rows_end - first_pos
+        if skip < 0:
+            raise RuntimeError(f"rows of positions {self.rows_end}..{first_pos - 1} never came")
+        if skip >= count:
+            return
+        if logits is not None:
+            self.kept_logits.append(logits[skip:])
+        if hidden is not None:
+            self.kept_hidden.append(hidden[skip:])
+        self.rows_end = first_pos + count
 
     @property
     def is_finished(self) -> bool:
