@@ -8,7 +8,8 @@ For each model: transformers' greedy continuation of several prompts (one at a t
 splitfuse's in one batch, with chunked prefill, the prefix cache and CUDA graphs (and eager),
 and one prompt at a time (batch-1 decodes: the smallest graph, the one-row linears); then with an
 int8 KV cache against the same engine on the CPU (reported only). Reported as the share of
-matching tokens; exits 1 if fp32 matches less than 90%.
+matching tokens; exits 1 if fp32 matches less than 90%, or if the logits and hidden states that
+requests ask for (`output_logits`, `output_last_hidden_state`) differ from transformers'.
 """
 
 from __future__ import annotations
@@ -199,6 +200,56 @@ def check_model(
     return failed
 
 
+def check_rows(name: str, model_dir: Path, prompts: list[list[int]]) -> bool:
+    """`output_logits` / `output_last_hidden_state` on the GPU, float32: each kept row against
+    transformers' forward pass over the same tokens. The steps of such requests run eagerly
+    beside requests that ask for nothing. True if a row's shape or values (relative to the
+    largest value, 1e-3) are off."""
+    from transformers import AutoModelForCausalLM
+
+    from app import EngineConfig, GenerationConfig, pipeline
+
+    kinds: list[dict[str, str]] = [
+        {},
+        {"output_logits": "generation"},
+        {"output_logits": "all", "output_last_hidden_state": "all"},
+        {"output_last_hidden_state": "generation"},
+    ]
+    configs = [
+        GenerationConfig(max_new_tokens=16, top_k=1, ignore_eos=True, **kinds[i % len(kinds)])
+        for i in range(len(prompts))
+    ]
+    config = EngineConfig(dtype="float32", max_prefill_token_num=256, max_batch_size=32)
+    with pipeline(str(model_dir), backend_config=config) as pipe:
+        results = pipe(prompts, gen_config=configs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    worst, failed = 0.0, False
+    for ids, gen, out in zip(prompts, configs, results, strict=True):
+        tokens = torch.tensor([ids + out.token_ids[:-1]], device="cuda")
+        with torch.no_grad():
+            ref = model(tokens, output_hidden_states=True)
+        for got, want, mode in (
+            (out.logits, ref.logits[0], gen.output_logits),
+            (out.last_hidden_state, ref.hidden_states[-1][0], gen.output_last_hidden_state),
+        ):
+            if mode is None:
+                failed |= got is not None
+                continue
+            want = want[0 if mode == "all" else len(ids) - 1 :].cpu()
+            if got is None or got.shape != want.shape:
+                failed = True
+                continue
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    failed |= worst > 1e-3
+    label = f"{name} float32 output rows"
+    print(
+        f"{label:<40} worst difference {worst:.1e} of the largest value  "
+        f"{'FAIL' if failed else 'ok'}",
+        flush=True,
+    )
+    return failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a model directory or .gguf file")
@@ -218,6 +269,7 @@ def main() -> None:
         for kind in ("llama", "qwen2"):
             model_dir = make_model(kind, Path(tmp))
             failed |= check_model(kind, model_dir, prompts, 48, until_eos=False)
+            failed |= check_rows(kind, model_dir, prompts)
     sys.exit(1 if failed else 0)
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Iterable
@@ -135,18 +136,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    @property
+    @functools.cached_property
     def all_rows(self) -> bool:
         """Whether logits or hidden states are asked for at every position ("all")."""
         return "all" in (self.output_logits, self.output_last_hidden_state)
 
-    @property
+    @functools.cached_property
     def every_position(self) -> bool:
         """Whether each prompt position needs its own output row, so none may come from the
         prefix cache."""
         return self.prompt_logprobs or self.all_rows
 
-    @property
+    @functools.cached_property
     def row_outputs(self) -> bool:
         """Whether the request takes more from a step than its sampled tokens (such steps run
         eagerly, outside the CUDA graphs)."""
