@@ -20,6 +20,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
+# Stand-ins used to find where one turn's rendering ends and the next one's begins.
+_USER, _REPLY = "\x00user-turn\x00", "\x00assistant-reply\x00"
+
+
 class ChatTemplateError(ValueError):
     """A template that cannot be loaded or rendered; the message is safe to show a client."""
 
@@ -182,3 +186,21 @@ class ChatTemplate:
             if self.untrusted:
                 sys.settrace(previous)
         return "".join(parts)
+
+    def render_turn(self, messages: list[dict[str, Any]], history_ends_with: str | None) -> str:
+        """A session turn's text: the whole prompt for the first turn (`history_ends_with`
+        None), else what follows the earlier reply in the conversation and asks for the next
+        one. Later turns render [user, reply] and [user, reply, *messages] and take the
+        difference; the end-of-turn text the template puts after the reply is kept, minus what
+        the model already produced (`history_ends_with`: its end-of-turn token, usually)."""
+        if history_ends_with is None:
+            return self.render(messages, add_generation_prompt=True)
+        base = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _REPLY}]
+        before = self.render(base, add_generation_prompt=False)
+        after = self.render(base + messages, add_generation_prompt=True)
+        if not after.startswith(before):
+            raise ChatTemplateError("the chat template does not render turns incrementally")
+        tail = before[before.index(_REPLY) + len(_REPLY) :]
+        if history_ends_with and tail.startswith(history_ends_with):
+            tail = tail[len(history_ends_with) :]
+        return tail + after[len(before) :]

@@ -75,7 +75,6 @@ def run_chat(settings: Any, params: Any) -> None:
     """Chat with a model in this process."""
     from app.chat_template import ChatTemplate
     from app.engine.engine import AsyncEngine
-    from app.routes.interactive import continuation_text
 
     engine = AsyncEngine(settings.model, settings.engine)
     engine.validate([0], params)
@@ -83,13 +82,8 @@ def run_chat(settings: Any, params: Any) -> None:
     tokenizer = engine.tokenizer
 
     async def reply(text: str) -> AsyncIterator[str]:
-        session = engine.scheduler.sessions.get(SESSION_ID)
         messages = [{"role": "user", "content": text}]
-        if session is None or not session.history:
-            prompt = template.render(messages)
-        else:
-            last = tokenizer.decode(session.history[-1:], skip_special_tokens=False)
-            prompt = continuation_text(template, messages, last)
+        prompt = template.render_turn(messages, engine.session_tail(SESSION_ID))
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         async for out in engine.generate(ids, params, session_id=SESSION_ID):
             if out.finish_reason == "length" and out.completion_tokens == 0:

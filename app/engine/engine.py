@@ -301,6 +301,14 @@ class AsyncEngine:
     def num_requests(self) -> int:
         return len(self._requests)
 
+    def session_tail(self, session_id: int) -> str | None:
+        """The text of the last token a session holds (its end of turn, usually), for
+        `ChatTemplate.render_turn`; None when the session holds no history."""
+        session = self.scheduler.sessions.get(session_id)
+        if session is None or not session.history:
+            return None
+        return self.tokenizer.decode(session.history[-1:], skip_special_tokens=False)
+
     def end_session(self, session_id: int) -> bool:
         """End an interactive session (aborting its running turn); True if it existed."""
         session = self.scheduler.sessions.get(session_id)

@@ -15,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
-from app.chat_template import ChatTemplate, ChatTemplateError
+from app.chat_template import ChatTemplateError
 from app.engine.config import SamplingParams
 from app.engine.sessions import SessionBusyError
 from app.errors import APIError
@@ -25,29 +25,6 @@ from app.routes.structured import request_grammar
 
 if TYPE_CHECKING:
     from app.engine.grammar import CompiledGrammar
-
-# Stand-ins used to find where one turn's rendering ends and the next one's begins.
-_USER, _REPLY = "\x00user-turn\x00", "\x00assistant-reply\x00"
-
-
-def continuation_text(
-    template: ChatTemplate, messages: list[dict[str, Any]], history_ends_with: str
-) -> str:
-    """Text that follows an earlier reply in the conversation and asks for the next one.
-
-    Render [user, reply] and [user, reply, *messages] and take the difference; the end-of-turn
-    text the template puts after the reply is kept, minus what the model already produced
-    (its end-of-turn token, usually).
-    """
-    base = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _REPLY}]
-    before = template.render(base, add_generation_prompt=False)
-    after = template.render(base + messages, add_generation_prompt=True)
-    if not after.startswith(before):
-        raise ChatTemplateError("the chat template does not render turns incrementally")
-    tail = before[before.index(_REPLY) + len(_REPLY) :]
-    if history_ends_with and tail.startswith(history_ends_with):
-        tail = tail[len(history_ends_with) :]
-    return tail + after[len(before) :]
 
 
 def _messages(prompt: str | list[ChatMessage]) -> list[dict[str, Any]]:
@@ -66,13 +43,9 @@ def register(router: APIRouter, ctx: Any) -> None:
 
     def prompt_ids(body: InteractiveRequest, session_id: int) -> list[int]:
         messages = _messages(body.prompt)
-        session = engine.scheduler.sessions.get(session_id) if body.interactive_mode else None
+        tail = engine.session_tail(session_id) if body.interactive_mode else None
         try:
-            if session is None or not session.history:
-                text = ctx.template.render(messages, add_generation_prompt=True)
-            else:
-                last = tokenizer.decode(session.history[-1:], skip_special_tokens=False)
-                text = continuation_text(ctx.template, messages, last)
+            text = ctx.template.render_turn(messages, tail)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="prompt") from None
         return tokenizer.encode(text, add_special_tokens=False)

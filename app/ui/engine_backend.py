@@ -13,7 +13,6 @@ from typing import Any
 from app.chat_template import ChatTemplate, ChatTemplateError
 from app.engine.config import SamplingParams
 from app.engine.engine import AsyncEngine, SessionBusyError
-from app.routes.interactive import continuation_text
 from app.ui.backend import BackendError, Delta, ModelInfo, Sampling
 
 
@@ -42,18 +41,14 @@ class EngineBackend:
         self, chat_id: int, messages: list[dict[str, str]], interactive: bool
     ) -> tuple[list[int], int]:
         """The token ids to send and the number of history tokens the session already holds."""
-        tokenizer = self.engine.tokenizer
         session = self.engine.scheduler.sessions.get(chat_id) if interactive else None
+        tail = self.engine.session_tail(chat_id) if interactive else None
         try:
-            if session is not None and session.history:
-                last = tokenizer.decode(session.history[-1:], skip_special_tokens=False)
-                text = continuation_text(self.template, messages[-1:], last)
-            else:
-                text = self.template.render(messages)
+            text = self.template.render_turn(messages if tail is None else messages[-1:], tail)
         except ChatTemplateError as exc:
             raise BackendError(str(exc)) from None
         history = len(session.history) if session is not None else 0
-        return tokenizer.encode(text, add_special_tokens=False), history
+        return self.engine.tokenizer.encode(text, add_special_tokens=False), history
 
     async def reply(
         self, chat_id: int, messages: list[dict[str, str]], interactive: bool, sampling: Sampling
