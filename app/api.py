@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,11 +54,40 @@ class _Request:
     ids: list[int]
     params: SamplingParams
     grammar: CompiledGrammar | None
+    session_id: int | None = None
 
     def generate(self, engine: AsyncEngine, stream: bool = True) -> AsyncIterator[RequestOutput]:
         return engine.generate(
-            self.ids, self.params, grammar=self.grammar, stream=stream, validated=True
+            self.ids,
+            self.params,
+            session_id=self.session_id,
+            grammar=self.grammar,
+            stream=stream,
+            validated=True,
         )
+
+
+class Session:
+    """A conversation through `Pipeline.chat` (lmdeploy's): the engine keeps its tokens and KV
+    between turns. `response` is the last turn's answer, `history` the (prompt, answer) pairs;
+    `close()` lets the engine forget it."""
+
+    def __init__(self, session_id: int, pipe: Pipeline):
+        self.session_id = session_id
+        self.history: list[tuple[Prompt, str]] = []
+        self.response: Response | None = None
+        self._pipe = pipe
+        self._tokens: list[int] = []  # what the engine held after the last turn
+
+    def close(self) -> None:
+        self._pipe._run(self._pipe._end_session(self.session_id))
+        self.history, self.response, self._tokens = [], None, []
+
+    def __repr__(self) -> str:
+        turns = "".join(
+            f"\nUSER: {prompt!r}\nASSISTANT: {answer!r}" for prompt, answer in self.history
+        )
+        return f"Session(id={self.session_id}){turns}"
 
 
 class Pipeline:
@@ -75,6 +105,7 @@ class Pipeline:
         self.engine = AsyncEngine(model, config)
         self.tokenizer = self.engine.tokenizer
         self.chat_template = ChatTemplate.for_tokenizer(self.tokenizer, config.chat_template)
+        self._session_ids = itertools.count(1)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="splitfuse-loop", daemon=True
@@ -83,13 +114,20 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, do_preprocess: bool = True) -> list[int]:
+        """A prompt's token ids: messages (or a string, as a user message) through the chat
+        template, a string as it is with `do_preprocess=False`, token ids unchanged."""
+        return self._encode(prompt, do_preprocess, None)
+
+    def _encode(self, prompt: Prompt, do_preprocess: bool, tail: str | None) -> list[int]:
+        """`encode`, for a conversation's later turn when `tail` (the text its history ends
+        with) is given: only what follows the history (`ChatTemplate.render_turn`)."""
         if isinstance(prompt, list) and prompt and all_ints(prompt):
             return list(prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
             if not do_preprocess:
-                return self.tokenizer.encode(prompt)
+                return self.tokenizer.encode(prompt, add_special_tokens=tail is None)
             prompt = [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("a prompt is a non-empty string or a non-empty list of messages")
@@ -103,7 +141,7 @@ class Pipeline:
                 raise ValueError(
                     f"invalid message {message!r}: needs a role of system, user, assistant or tool"
                 )
-        text = self.chat_template.render(prompt, add_generation_prompt=True)
+        text = self.chat_template.render_turn(prompt, tail)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _requests(
@@ -121,19 +159,25 @@ class Pipeline:
         configs = gen_config if isinstance(gen_config, (list, tuple)) else [gen_config] * len(batch)
         if len(configs) != len(batch):
             raise ValueError(f"{len(configs)} generation configs for {len(batch)} prompts")
-        requests = []
-        for prompt, config in zip(batch, configs, strict=True):
-            ids = self.encode(prompt, do_preprocess)
-            config = config or GenerationConfig()
-            params = config.to_sampling_params(self.tokenizer)
-            self.engine.validate(ids, params)  # all prompts are checked before any starts
-            grammar = None
-            if config.response_format is not None:
-                spec = GrammarSpec.from_response_format(config.response_format)
-                if spec is not None:
-                    grammar = self.engine.grammar_compiler.compile_sync(spec)
-            requests.append(_Request(ids, params, grammar))
+        # All prompts are checked before any starts.
+        requests = [
+            self._request(self.encode(prompt, do_preprocess), config)
+            for prompt, config in zip(batch, configs, strict=True)
+        ]
         return single, requests
+
+    def _request(
+        self, ids: list[int], config: GenerationConfig | None, session_id: int | None = None
+    ) -> _Request:
+        config = config or GenerationConfig()
+        params = config.to_sampling_params(self.tokenizer)
+        self.engine.validate(ids, params, session_id)
+        grammar = None
+        if config.response_format is not None:
+            spec = GrammarSpec.from_response_format(config.response_format)
+            if spec is not None:
+                grammar = self.engine.grammar_compiler.compile_sync(spec)
+        return _Request(ids, params, grammar, session_id)
 
     # ---------------------------------------------------------------- inference
     def __call__(
@@ -165,19 +209,84 @@ class Pipeline:
     ) -> Iterator[Response]:
         """Yield deltas as they are generated; `Response.index` says which prompt each is for."""
         _single, requests = self._requests(prompts, gen_config, do_preprocess)
-        queue: asyncio.Queue[Response | None] = asyncio.Queue()
 
-        async def produce() -> None:
+        async def produce(queue: asyncio.Queue[Response | None]) -> None:
             async def one(index: int, request: _Request) -> None:
                 async for out in request.generate(self.engine):
                     queue.put_nowait(_response(out, len(request.ids), index))
 
+            await _staggered(one(i, r) for i, r in enumerate(requests))
+
+        return self._iterate(produce)
+
+    def chat(
+        self,
+        prompt: Prompt,
+        session: Session | None = None,
+        gen_config: GenerationConfig | None = None,
+        stream_response: bool = False,
+        do_preprocess: bool = True,
+    ) -> Session | Iterator[Response]:
+        """One turn of a conversation (a new one without `session`): only this turn's message
+        is sent and prefilled, after the tokens the engine keeps from the earlier turns. Returns
+        the session, its `response` the answer; with `stream_response`, the answer's deltas,
+        the session updated once they are all read."""
+        if session is None:
+            session = Session(next(self._session_ids), self)
+        ids = self._run(self._turn_ids(session, prompt, do_preprocess))
+        request = self._request(ids, gen_config, session.session_id)
+        if not stream_response:
+            self._run(self._turn(session, prompt, request, None))
+            return session
+
+        async def produce(queue: asyncio.Queue[Response | None]) -> None:
+            await self._turn(session, prompt, request, queue)
+
+        return self._iterate(produce)
+
+    async def _turn_ids(self, session: Session, prompt: Prompt, do_preprocess: bool) -> list[int]:
+        """The ids a turn sends: its message after the history the engine holds; if the engine
+        let the session go (idle past session_ttl, or evicted), the whole conversation again."""
+        held = self.engine.scheduler.sessions.get(session.session_id)
+        history = held.history if held is not None and held.history else []
+        resend = [] if history else session._tokens
+        tokens = history or resend
+        tail = self.tokenizer.decode(tokens[-1:], skip_special_tokens=False) if tokens else None
+        return resend + self._encode(prompt, do_preprocess, tail)
+
+    async def _turn(
+        self,
+        session: Session,
+        prompt: Prompt,
+        request: _Request,
+        queue: asyncio.Queue[Response | None] | None,
+    ) -> None:
+        deltas = request.generate(self.engine, stream=queue is not None)
+        if queue is not None:
+            deltas = _teed(deltas, queue, len(request.ids), session.session_id)
+        response = await _collect(deltas, len(request.ids), 0)
+        response.session_id = session.session_id
+        held = self.engine.scheduler.sessions.get(session.session_id)
+        session._tokens = list(held.history) if held is not None else []
+        session.response = response
+        session.history.append((prompt, response.text))
+
+    async def _end_session(self, session_id: int) -> None:
+        self.engine.end_session(session_id)
+
+    def _iterate(
+        self, produce: Callable[[asyncio.Queue[Response | None]], Awaitable[None]]
+    ) -> Iterator[Response]:
+        """Yield what `produce` puts on its queue, running it on the pipeline's loop."""
+        queue: asyncio.Queue[Response | None] = asyncio.Queue()
+
+        async def run() -> None:
             try:
-                await _staggered(one(i, r) for i, r in enumerate(requests))
+                await produce(queue)
             finally:
                 queue.put_nowait(None)
 
-        future = asyncio.run_coroutine_threadsafe(produce(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         try:
             while True:
                 item = self._run(queue.get())
@@ -272,6 +381,20 @@ def _response(out: RequestOutput, input_len: int, index: int) -> Response:
         logits=out.logits,
         last_hidden_state=out.last_hidden_state,
     )
+
+
+async def _teed(
+    stream: AsyncIterator[RequestOutput],
+    queue: asyncio.Queue[Response | None],
+    input_len: int,
+    session_id: int,
+) -> AsyncIterator[RequestOutput]:
+    """`stream`, each delta also put on `queue` as a Response."""
+    async for out in stream:
+        response = _response(out, input_len, 0)
+        response.session_id = session_id
+        queue.put_nowait(response)
+        yield out
 
 
 async def _collect(stream: AsyncIterator[RequestOutput], input_len: int, index: int) -> Response:
