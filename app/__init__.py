@@ -17,11 +17,12 @@ __all__ = [
     "PytorchEngineConfig",
     "Response",
     "SamplingParams",
+    "Session",
     "pipeline",
 ]
 
 if TYPE_CHECKING:
-    from app.api import Pipeline, Response, pipeline
+    from app.api import Pipeline, Response, Session, pipeline
     from app.engine.config import EngineConfig, GenerationConfig, SamplingParams
     from app.engine.engine import AsyncEngine
 
@@ -31,6 +32,7 @@ _LAZY = {
     "pipeline": "app.api",
     "Pipeline": "app.api",
     "Response": "app.api",
+    "Session": "app.api",
     "EngineConfig": "app.engine.config",
     "GenerationConfig": "app.engine.config",
     "SamplingParams": "app.engine.config",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import os
 import threading
@@ -431,7 +432,15 @@ def pipeline(
     model: str | os.PathLike | None = None,
     backend_config: EngineConfig | None = None,
     chat_template: str | None = None,
-    **_: Any,
+    log_level: str | None = None,
 ) -> Pipeline:
-    """Build a Pipeline; with no model, the bundled SmolLM2-135M-Instruct."""
+    """Build a Pipeline; with no model, the bundled SmolLM2-135M-Instruct. `log_level` (as in
+    lmdeploy: "INFO", "WARNING", ...) sets the engine's loggers' level."""
+    if log_level is not None:
+        level = logging.getLevelName(str(log_level).upper())
+        if not isinstance(level, int):
+            raise ValueError(
+                f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}"
+            )
+        logging.getLogger("splitfuse").setLevel(level)
     return Pipeline(model, backend_config=backend_config, chat_template=chat_template)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -101,6 +102,21 @@ def test_pipeline_checks_each_prompt_once(tiny_model_dir: Path) -> None:
         assert [r.generate_token_len for r in pipe(prompts, gen_config=config)] == [2, 2]
         assert len(pipe.get_ppl(prompts)) == 2
     assert checked == prompts + prompts
+
+
+def test_pipeline_log_level_and_unknown_arguments(tiny_model_dir: Path) -> None:
+    logger = logging.getLogger("splitfuse")
+    previous = logger.level
+    try:
+        with pipeline(str(tiny_model_dir), log_level="error") as pipe:
+            assert logger.level == logging.ERROR
+            assert pipe([1, 2, 3], gen_config=GenerationConfig(max_new_tokens=1)).text is not None
+    finally:
+        logger.setLevel(previous)
+    with pytest.raises(ValueError, match="log_level must be"):
+        pipeline(str(tiny_model_dir), log_level="loud")
+    with pytest.raises(TypeError, match="chat_template_config"):
+        pipeline(str(tiny_model_dir), chat_template_config=None)  # type: ignore[call-arg]
 
 
 def test_session_turns_prefill_only_new_tokens(engine: AsyncEngine) -> None:
