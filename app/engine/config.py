@@ -11,7 +11,7 @@ import functools
 import itertools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -271,7 +271,6 @@ class GenerationConfig:
     include_stop_str_in_output: bool = False
     output_logits: RowOutput | None = None
     output_last_hidden_state: RowOutput | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_sampling_params(self, tokenizer: Any = None) -> SamplingParams:
         """Resolve words into token ids with `tokenizer` (needed for bad_words only)."""
