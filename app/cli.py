@@ -27,7 +27,7 @@ ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--model-name", dict(help="the model id reported by /v1/models")),
 ]
 SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--host", dict()),
+    ("--host", dict(help="address to listen on")),
     ("--port", dict(type=int)),
     ("--api-keys", dict(nargs="+", help="accepted Bearer keys")),
     ("--max-queued-requests", dict(type=int)),
@@ -38,13 +38,16 @@ SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--shutdown-timeout", dict(type=float, help="seconds to drain on SIGTERM")),
     ("--health-stall-seconds", dict(type=float, help="/health fails after this long stuck")),
     ("--log-format", dict(choices=["auto", "json", "console"])),
-    ("--log-level", dict(choices=["debug", "info", "warning", "error"])),
+    ("--log-level", dict(type=str.lower, choices=["debug", "info", "warning", "error"])),
     ("--proxy-url", dict(help="register with this splitfuse proxy")),
     ("--node-url", dict(help="this server's URL as the proxy reaches it")),
     ("--tool-call-parser", dict(help="hermes | llama3 | internlm2")),
     ("--reasoning-parser", dict(help="think | think-open")),
 ]
 
+
+# lmdeploy's names for the same flags (`lmdeploy serve api_server --server-port 23333`).
+ALIASES = {"--host": ("--server-name",), "--port": ("--server-port",)}
 
 CHAT_FLAGS = {
     "temperature": 0.7,
@@ -57,7 +60,7 @@ CHAT_FLAGS = {
 
 def _add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, dict[str, Any]]]) -> None:
     for flag, options in flags:
-        parser.add_argument(flag, default=None, **options)
+        parser.add_argument(flag, *ALIASES.get(flag, ()), default=None, **options)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +99,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> Any:
     from app.settings import load_settings
 
-    skip = {"command", "model", "config", "func", "api", *CHAT_FLAGS}
+    skip = {"command", "model", "config", "func", "api", "backend", *CHAT_FLAGS}
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     return load_settings(overrides, config_file=args.config, model=args.model)
 
@@ -206,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_engine_arguments(p)
         if name == "serve":
             _add_flags(p, SERVER_FLAGS)
+            p.add_argument(
+                "--backend",
+                choices=["pytorch"],
+                default=None,
+                help="accepted for lmdeploy's command lines: splitfuse has one engine",
+            )
         else:
             for flag, default in CHAT_FLAGS.items():
                 p.add_argument(
@@ -221,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(ui)
     ui.add_argument("--api", default=None, help="use a running server at URL instead of MODEL")
     ui.add_argument("--api-key", default=None, help="Bearer key for --api")
-    ui.add_argument("--host", default="127.0.0.1", help="address the page listens on")
-    ui.add_argument("--port", type=int, default=6006)
+    ui.add_argument(
+        "--host", *ALIASES["--host"], default="127.0.0.1", help="address the page listens on"
+    )
+    ui.add_argument("--port", *ALIASES["--port"], type=int, default=6006)
     ui.set_defaults(func=cmd_ui)
     proxy = sub.add_parser("proxy", help="distribute requests over many servers")
     add_proxy_arguments(proxy)

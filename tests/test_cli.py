@@ -39,6 +39,7 @@ def test_env_reports_versions() -> None:
         (["serve", "--block-size", "48"], "power of two"),
         (["chat", "--dtype", "int3"], "invalid choice"),
         (["serve", "--quant-policy", "4"], "invalid choice: 4"),
+        (["serve", "--backend", "turbomind"], "invalid choice: 'turbomind'"),
     ],
 )
 def test_bad_input_is_a_one_line_error(args: list[str], message: str) -> None:
@@ -46,6 +47,28 @@ def test_bad_input_is_a_one_line_error(args: list[str], message: str) -> None:
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["serve", "--server-name", "0.0.0.0", "--server-port", "23334", "--log-level", "INFO"],
+            {"host": "0.0.0.0", "port": 23334, "log_level": "info"},
+        ),
+        (["serve", "--backend", "pytorch", "--port", "9"], {"backend": "pytorch", "port": 9}),
+        (["ui", "--server-port", "7000"], {"port": 7000}),
+        (
+            ["proxy", "--server-name", "::1", "--log-level", "DEBUG"],
+            {"host": "::1", "log_level": "debug"},
+        ),
+    ],
+)
+def test_lmdeploy_flag_names_are_accepted(args: list[str], expected: dict[str, object]) -> None:
+    from app.cli import build_parser
+
+    parsed = vars(build_parser().parse_args(args))
+    assert {key: parsed[key] for key in expected} == expected
 
 
 class Output:

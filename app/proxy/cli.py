@@ -26,8 +26,8 @@ def _positive(value: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the proxy's flags to `parser` (the `splitfuse proxy` sub-command)."""
     defaults = ProxyConfig()
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--host", "--server-name", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", "--server-port", type=int, default=8000, help="port to listen on")
     parser.add_argument(
         "--strategy",
         choices=[s.value for s in Strategy],
@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_body_bytes,
         help="largest request body accepted",
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--log-level", default="info", type=str.lower, choices=["debug", "info", "warning"]
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
