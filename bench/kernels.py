@@ -7,6 +7,7 @@
     python bench/kernels.py --only gemv-sweep            # the one-row GEMV's launch settings
     python bench/kernels.py --only decode-sweep          # decode attention's launch settings
     python bench/kernels.py --only decode-ragged         # its split counts and program order
+    python bench/kernels.py --only decode-ragged --ragged 1:384:384  # split counts, a case
     python bench/kernels.py --only prefill-sweep         # prefill attention's launch settings
     python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
     python bench/kernels.py --only gemm --gemm-rows 256,264,272  # ... at these token counts
@@ -49,6 +50,7 @@ from app.kernels.attention import (
     quantize_kv,
 )
 from app.kernels.decode_attention import (
+    MAX_SPLITS,
     _decode_split_kernel,
     _num_sms,
     decode_num_splits,
@@ -396,7 +398,9 @@ class Bench:
         case = f"batch {batch_size} ctx {shortest}-{longest}"
         print(f"\ndecode ragged, {case} (mean {lens.float().mean():.0f}), picked {auto} split(s):")
         print(f"  {'splits':>6} {'order':<14} {'us':>8} {'GB/s':>8}")
-        for splits in sorted({1, 2, 3, 4, 6, 8, auto}):
+        # MAX_SPLITS: what a CUDA graph's launch asks at batch 1, its splits counted for the
+        # graph's block table (as wide as the context window).
+        for splits in sorted({1, 2, 3, 4, 6, 8, auto, MAX_SPLITS}):
             for ordered in (None, order):
 
                 def run(splits: int = splits, ordered: torch.Tensor | None = ordered) -> list:
@@ -687,6 +691,11 @@ def main() -> None:
     parser.add_argument(
         "--gemm-rows", default=None, help="comma-separated token counts for --only gemm"
     )
+    parser.add_argument(
+        "--ragged",
+        default=None,
+        help="comma-separated BATCH:SHORTEST:LONGEST cases for --only decode-ragged",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The interpreter cannot multiply bf16 in tl.dot (triton-lang/triton#11584): fp16 on CPU.
@@ -694,6 +703,9 @@ def main() -> None:
     shapes = TINY if args.tiny else SHAPES[args.shapes]
     if args.gemm_rows:
         shapes = replace(shapes, gemm_rows=tuple(int(n) for n in args.gemm_rows.split(",")))
+    if args.ragged:
+        cases = tuple(tuple(int(n) for n in case.split(":")) for case in args.ragged.split(","))
+        shapes = replace(shapes, decode_ragged=cases)
     print(f"device: {describe_device()}, triton {triton.__version__}, {dtype}", flush=True)
     bench = Bench(shapes, dtype, device)
     print(HEADER)
