@@ -15,7 +15,10 @@ requests ask for (`output_logits`, `output_last_hidden_state`) differ from trans
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import json
+import os
 import random
 import sys
 import tempfile
@@ -25,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.engine.trace import TRACE_ENV
 from bench.common import write_word_tokenizer
 
 
@@ -200,51 +204,69 @@ def check_model(
     return failed
 
 
-def check_rows(name: str, model_dir: Path, prompts: list[list[int]]) -> bool:
-    """`output_logits` / `output_last_hidden_state` on the GPU, float32: each kept row against
-    transformers' forward pass over the same tokens. The steps of such requests run eagerly
-    beside requests that ask for nothing. True if a row's shape or values (relative to the
-    largest value, 1e-3) are off."""
-    from transformers import AutoModelForCausalLM
-
-    from app import EngineConfig, GenerationConfig, pipeline
-
-    kinds: list[dict[str, str]] = [
+# Requests for rows, in turn beside requests that ask for nothing: logits of the generated
+# tokens alone (their decode steps replay the CUDA graphs), then with hidden states and every
+# position's rows (their steps run eagerly).
+ROW_KINDS: dict[str, list[dict[str, str]]] = {
+    "graphed": [{}, {"output_logits": "generation"}],
+    "eager": [
         {},
         {"output_logits": "generation"},
         {"output_logits": "all", "output_last_hidden_state": "all"},
         {"output_last_hidden_state": "generation"},
-    ]
+    ],
+}
+
+
+def check_rows(name: str, model_dir: Path, prompts: list[list[int]], mode: str) -> bool:
+    """`output_logits` / `output_last_hidden_state` on the GPU, float32: each kept row against
+    transformers' forward pass over the same tokens, for the requests of ROW_KINDS[mode]. True
+    if a row's shape or values (relative to the largest value, 1e-3) are off."""
+    from transformers import AutoModelForCausalLM
+
+    from app import EngineConfig, GenerationConfig, pipeline
+
+    kinds = ROW_KINDS[mode]
     configs = [
         GenerationConfig(max_new_tokens=16, top_k=1, ignore_eos=True, **kinds[i % len(kinds)])
         for i in range(len(prompts))
     ]
     config = EngineConfig(dtype="float32", max_prefill_token_num=256, max_batch_size=32)
-    with pipeline(str(model_dir), backend_config=config) as pipe:
-        results = pipe(prompts, gen_config=configs)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "steps.jsonl"
+        os.environ[TRACE_ENV] = str(trace)  # the engine reads it once, at start
+        try:
+            with pipeline(str(model_dir), backend_config=config) as pipe:
+                results = pipe(prompts, gen_config=configs)
+        finally:
+            del os.environ[TRACE_ENV]
+        records = [json.loads(line) for line in trace.read_text().splitlines()]
+    kinds_run = collections.Counter(r["kind"] for r in records if "kind" in r)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     worst, failed = 0.0, False
     for ids, gen, out in zip(prompts, configs, results, strict=True):
         tokens = torch.tensor([ids + out.token_ids[:-1]], device="cuda")
         with torch.no_grad():
             ref = model(tokens, output_hidden_states=True)
-        for got, want, mode in (
+        for got, want, asked in (
             (out.logits, ref.logits[0], gen.output_logits),
             (out.last_hidden_state, ref.hidden_states[-1][0], gen.output_last_hidden_state),
         ):
-            if mode is None:
+            if asked is None:
                 failed |= got is not None
                 continue
-            want = want[0 if mode == "all" else len(ids) - 1 :].cpu()
+            want = want[0 if asked == "all" else len(ids) - 1 :].cpu()
             if got is None or got.shape != want.shape:
                 failed = True
                 continue
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
     failed |= worst > 1e-3
-    label = f"{name} float32 output rows"
+    # The graphed mode checks nothing unless its decode steps replayed the graphs.
+    failed |= mode == "graphed" and not kinds_run["decode"]
+    label = f"{name} float32 output rows, {mode}"
     print(
         f"{label:<40} worst difference {worst:.1e} of the largest value  "
-        f"{'FAIL' if failed else 'ok'}",
+        f"{'FAIL' if failed else 'ok'}  (steps: {dict(kinds_run)})",
         flush=True,
     )
     return failed
@@ -269,7 +291,8 @@ def main() -> None:
         for kind in ("llama", "qwen2"):
             model_dir = make_model(kind, Path(tmp))
             failed |= check_model(kind, model_dir, prompts, 48, until_eos=False)
-            failed |= check_rows(kind, model_dir, prompts)
+            for mode in ROW_KINDS:
+                failed |= check_rows(kind, model_dir, prompts, mode)
     sys.exit(1 if failed else 0)
 
 

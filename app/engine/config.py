@@ -148,10 +148,10 @@ class SamplingParams:
         return self.prompt_logprobs or self.all_rows
 
     @functools.cached_property
-    def row_outputs(self) -> bool:
-        """Whether the request takes more from a step than its sampled tokens (such steps run
-        eagerly, outside the CUDA graphs)."""
-        return self.every_position or bool(self.output_logits or self.output_last_hidden_state)
+    def needs_eager(self) -> bool:
+        """Whether the request takes rows a CUDA graph does not give (a graph computes only the
+        sampling rows' logits): its steps run eagerly."""
+        return self.every_position or self.output_last_hidden_state is not None
 
     def validate(
         self,

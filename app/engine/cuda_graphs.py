@@ -57,7 +57,7 @@ def stage_decode_rows(
     batch or a table is wider than `tables`. Whole-batch numpy work: at batch 256 a loop per
     sequence would cost the device a millisecond of idle time every step."""
     for item in items:
-        if item.num_new_tokens != 1 or not item.sample or item.seq.params.row_outputs:
+        if item.num_new_tokens != 1 or not item.sample or item.seq.params.needs_eager:
             return False
     n = len(items)
     block_tables = [item.block_table for item in items]

@@ -46,10 +46,13 @@ class KeptRows:
     count: int = 1
 
     def read(
-        self, logits: torch.Tensor, hidden: torch.Tensor
+        self, logits: torch.Tensor, hidden: torch.Tensor | None
     ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
-        """(first position, logits, hidden states) as asked, float32 on the host."""
+        """(first position, logits, hidden states) as asked, float32 on the host; `hidden` is
+        None after a graphed step, which requests for hidden states never take."""
         params = self.seq.params
+        if params.output_last_hidden_state and hidden is None:
+            raise RuntimeError("hidden states were asked of a graphed step")
         rows = slice(self.row, self.row + self.count)
 
         def copy(t: torch.Tensor) -> torch.Tensor:  # never a view that holds the step's tensor
@@ -142,7 +145,7 @@ class ModelRunner:
         num_tokens = sum(item.num_new_tokens for item in items)
         width = max(len(item.block_table) for item in items)
         if not graphs.fits(len(items), num_tokens, width) or any(
-            item.seq.params.row_outputs for item in items
+            item.seq.params.needs_eager for item in items
         ):
             return None
         return self.model.compute_logits(graphs.run(items, num_tokens, ahead_ids))
@@ -215,7 +218,7 @@ class ModelRunner:
             events = self._start_timing(timing)
         ahead_ids = self._ahead_input_ids(out)
         kind = "decode"
-        hidden: torch.Tensor | None = None  # the final hidden states of the logit rows (eager)
+        hidden: torch.Tensor | None = None  # the logit rows' final hidden states (eager steps)
         logits = self._graph_logits(out, ahead_ids)
         if logits is None:
             kind = "mixed"
@@ -274,7 +277,6 @@ class ModelRunner:
             step.top_logprobs = sampled.top_logprobs
             self._last_tokens = sampled.device_ids
         for taken in kept:
-            assert hidden is not None  # such steps run eagerly
             step.rows[taken.seq.seq_id] = taken.read(all_logits, hidden)
         if timing is not None:
             self._end_timing(timing, events)
