@@ -62,9 +62,20 @@ def test_staging_refuses_other_steps() -> None:
     chunk.num_new_tokens = 3
     assert not staged([decode_item(rng, 1, params), chunk])
     assert not staged([decode_item(rng, 2, SamplingParams(max_new_tokens=8, prompt_logprobs=True))])
+    for rows_asked in ({"output_last_hidden_state": "generation"}, {"output_logits": "all"}):
+        assert not staged([decode_item(rng, 4, SamplingParams(max_new_tokens=8, **rows_asked))])
     wide = decode_item(rng, 3, params)
     assert not staged([wide], width=len(wide.block_table) - 1)
     assert (rows == 0).all()
+
+
+def test_generated_tokens_logits_keep_the_graph() -> None:
+    """A graph computes the sampling rows' logits, all that output_logits="generation" takes."""
+    rng = random.Random(3)
+    rows = np.zeros((4, 8), dtype=np.int64)
+    params = SamplingParams(max_new_tokens=8, output_logits="generation")
+    items = [decode_item(rng, 0, params), decode_item(rng, 1, SamplingParams(max_new_tokens=8))]
+    assert stage_decode_rows(items, BLOCK, rows, np.zeros((8, 16), np.int32))
 
 
 def test_mixed_staging_pads_with_empty_sequences_and_a_padding_owner() -> None:
