@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,6 +128,9 @@ class SamplingParams:
     # of every position, the prompt's included (RequestOutput carries them on its last delta).
     output_logits: RowOutput | None = None
     output_last_hidden_state: RowOutput | None = None
+    # Called in turn on each step's logits, `fn(token_ids, scores) -> scores`: the sequence's
+    # ids so far (1-D int64) and its float32 scores [vocab] after bias and penalties.
+    logits_processors: tuple[Callable[[Any, Any], Any], ...] = ()
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -196,6 +199,10 @@ class SamplingParams:
         _check(
             -2.0 <= self.frequency_penalty <= 2.0,
             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        _check(
+            all(callable(fn) for fn in self.logits_processors),
+            "logits_processors must be callables fn(token_ids, scores) -> scores",
         )
         for name in ("output_logits", "output_last_hidden_state"):
             value = getattr(self, name)
@@ -271,6 +278,7 @@ class GenerationConfig:
     include_stop_str_in_output: bool = False
     output_logits: RowOutput | None = None
     output_last_hidden_state: RowOutput | None = None
+    logits_processors: list[Callable[[Any, Any], Any]] | None = None
 
     def to_sampling_params(self, tokenizer: Any = None) -> SamplingParams:
         """Resolve words into token ids with `tokenizer` (needed for bad_words only)."""
@@ -306,4 +314,9 @@ class GenerationConfig:
             include_stop_str_in_output=self.include_stop_str_in_output,
             output_logits=self.output_logits,
             output_last_hidden_state=self.output_last_hidden_state,
+            logits_processors=(
+                (self.logits_processors,)
+                if callable(self.logits_processors)
+                else tuple(self.logits_processors or ())
+            ),
         )

@@ -83,7 +83,8 @@ class Sampler:
             for i, row in enumerate(rows)
             if (row.params.presence_penalty or row.params.frequency_penalty) and row.output_ids
         ]
-        if not (bias or bans or repetition or additive) and allowed is None:
+        custom = [i for i, row in enumerate(rows) if row.params.logits_processors]
+        if not (bias or bans or repetition or additive or custom) and allowed is None:
             return logits
 
         out = logits.to(torch.float32, copy=True)
@@ -104,6 +105,15 @@ class Sampler:
             _repetition_penalty(out, penalized, repetition, prompts)
         if additive:
             _additive_penalties(out, [rows[i] for i in additive], additive)
+        for i in custom:  # the user's code, a row at a time
+            row = rows[i]
+            ids = torch.tensor([*row.prompt_ids, *row.output_ids], dtype=torch.int64, device=device)
+            for fn in row.params.logits_processors:
+                scores = fn(ids, out[i])
+                if not isinstance(scores, torch.Tensor) or scores.shape != out[i].shape:
+                    got = _describe(scores)
+                    raise ValueError(f"a logits processor returned {got}, not [{vocab}] scores")
+                out[i] = scores
         if allowed is not None:
             out.masked_fill_(~allowed, _NEG_INF)
 
@@ -308,3 +318,9 @@ def _output(raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow])
         logprobs[i] = chosen_list[j]
         top_logprobs[i] = list(zip(ids[j][:n], values[j][:n], strict=True))
     return SamplerOutput(tokens, logprobs, top_logprobs)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    return type(value).__name__

@@ -449,5 +449,6 @@ def _independent(seq: Sequence) -> bool:
         and not params.presence_penalty
         and not params.frequency_penalty
         and not params.bad_words_ids
+        and not params.logits_processors
         and seq.num_output_tokens >= params.min_new_tokens
     )

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from app import GenerationConfig, pipeline
 from app.api import ADMIT_BATCH
@@ -102,6 +103,32 @@ def test_pipeline_checks_each_prompt_once(tiny_model_dir: Path) -> None:
         assert [r.generate_token_len for r in pipe(prompts, gen_config=config)] == [2, 2]
         assert len(pipe.get_ppl(prompts)) == 2
     assert checked == prompts + prompts
+
+
+def test_pipeline_logits_processors(tiny_model_dir: Path) -> None:
+    def count_up(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(scores, float("-inf"))
+        forced[int(ids[-1]) + 1] = 0.0
+        return forced
+
+    def broken(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a bug in the user's processor")
+
+    plain = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    with pipeline(str(tiny_model_dir), backend_config=EngineConfig(block_size=16)) as pipe:
+        config = GenerationConfig(max_new_tokens=6, ignore_eos=True, logits_processors=[count_up])
+        outs = pipe([[100, 200], [300], [7, 8, 9]], gen_config=[config, plain, config])
+        assert outs[0].token_ids == [201, 202, 203, 204, 205, 206]
+        assert outs[2].token_ids == [10, 11, 12, 13, 14, 15]
+        sampled = GenerationConfig(
+            max_new_tokens=3, do_sample=True, temperature=1.5, logits_processors=count_up
+        )
+        assert pipe([40], gen_config=sampled).token_ids == [41, 42, 43]
+        with pytest.raises(ValueError, match="logits_processors must be callables"):
+            pipe([1], gen_config=GenerationConfig(logits_processors=["nope"]))
+        with pytest.raises(RuntimeError, match="generation failed"):
+            pipe([1, 2], gen_config=GenerationConfig(max_new_tokens=2, logits_processors=[broken]))
+        assert pipe([300], gen_config=plain).token_ids == outs[1].token_ids  # serving on
 
 
 def test_pipeline_log_level_and_unknown_arguments(tiny_model_dir: Path) -> None:

@@ -239,6 +239,44 @@ def test_allowed_mask_is_respected() -> None:
     assert all(allowed[i, t] for i, t in enumerate(out.token_ids))
 
 
+def test_logits_processors_see_the_ids_and_the_penalized_scores() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10)
+    seen: list[tuple[list[int], torch.Tensor]] = []
+
+    def favour_last_id_plus_one(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen.append((ids.tolist(), scores.clone()))
+        boosted = scores.clone()
+        boosted[(int(ids[-1]) + 1) % 10] += 100.0
+        return boosted
+
+    biased = SamplingParams(
+        temperature=0.0, logit_bias=((4, 5.0),), logits_processors=(favour_last_id_plus_one,)
+    )
+    rows = [
+        make_row(biased, prompt=(3, 5), output=(7,)),
+        make_row(SamplingParams(temperature=0.0), prompt=(1,)),
+        make_row(
+            SamplingParams(temperature=1.0, logits_processors=(favour_last_id_plus_one,)),
+            prompt=(8,),
+            seed=1,
+        ),
+    ]
+    out = Sampler()(logits, rows)
+    assert out.token_ids[0] == 8 and out.token_ids[2] == 9
+    assert out.token_ids[1] == int(logits[1].argmax())  # a row without processors as it was
+    assert [ids for ids, _ in seen] == [[3, 5, 7], [8]]
+    expected = logits[0].clone()
+    expected[4] += 5.0  # the bias comes first
+    torch.testing.assert_close(seen[0][1], expected)
+
+
+def test_a_logits_processor_returning_the_wrong_shape_is_named() -> None:
+    params = SamplingParams(logits_processors=(lambda ids, scores: scores[:3],))
+    with pytest.raises(ValueError, match=r"returned a tensor of shape \[3\], not \[10\] scores"):
+        Sampler()(torch.randn(1, 10), [make_row(params, prompt=(1,))])
+
+
 def test_distribution_matches_softmax_over_temperature() -> None:
     torch.manual_seed(1234)
     vocab, draws, temperature = 8, 20000, 0.7
