@@ -414,6 +414,8 @@ async def _collect(stream: AsyncIterator[RequestOutput], input_len: int, index: 
     if last is None:
         raise RuntimeError("the engine returned no output")
     if last.finish_reason == "error":
+        if last.error_code:  # the request's own input, e.g. a grammar the vocabulary cannot end
+            raise ValueError(f"generation failed: {last.error}")
         raise RuntimeError(f"generation failed: {last.error}")
     return Response(
         text="".join(text),

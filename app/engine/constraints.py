@@ -7,7 +7,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from app.engine.scheduler import Scheduler, SchedulerOutput
-from app.engine.sequence import FinishReason, Sequence
+from app.engine.sequence import UNSATISFIABLE_GRAMMAR, FinishReason, Sequence
 
 
 def grammar_rows(out: SchedulerOutput) -> list[Sequence | None]:
@@ -56,6 +56,13 @@ def accept_token(scheduler: Scheduler, seq: Sequence, token_id: int) -> None:
             seq.grammar_gate = None
         return
     if not seq.grammar.accept_token(token_id):
-        scheduler.finish(seq, FinishReason.ERROR, "the grammar rejected a token")
+        if seq.grammar.allows_nothing():  # the request's grammar, not the engine, is at fault
+            message = (
+                "the grammar cannot be continued after the output so far: no token of this "
+                "model's vocabulary matches what it requires next"
+            )
+            scheduler.finish(seq, FinishReason.ERROR, message, code=UNSATISFIABLE_GRAMMAR)
+        else:
+            scheduler.finish(seq, FinishReason.ERROR, "the grammar rejected a token")
     elif seq.grammar.is_terminated():
         scheduler.finish(seq, FinishReason.STOP)

@@ -193,6 +193,7 @@ class GrammarMatcher:
     def __init__(self, compiled: CompiledGrammar) -> None:
         self._matcher = xgr.GrammarMatcher(compiled._compiled)
         self._stop_ids = list(self._matcher.stop_token_ids)
+        self._vocab_size = compiled._compiled.tokenizer_info.vocab_size
 
     def accept_token(self, token_id: int) -> bool:
         """Advance by one token; False (state unchanged) if the grammar does not allow it."""
@@ -219,6 +220,16 @@ class GrammarMatcher:
                 bitmask[row, token_id // 32] |= _bit(token_id % 32)
             return
         self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def allows_nothing(self) -> bool:
+        """Whether no token of the vocabulary may come next although the grammar is not done:
+        a grammar this vocabulary cannot continue (xgrammar finds no token for some rare code
+        points, e.g. unassigned ones in a regex)."""
+        if self._matcher.is_terminated():
+            return False
+        bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)
+        self._matcher.fill_next_token_bitmask(bitmask, 0)
+        return not bool(bitmask.any())
 
     def is_terminated(self) -> bool:
         """True once the grammar is complete and a stop token was accepted."""

@@ -39,6 +39,7 @@ class RequestOutput:
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     error: str | None = None  # the reason, when finish_reason is "error"
+    error_code: str | None = None  # set when the request itself caused the error
     queue_seconds: float | None = None  # on the last delta: arrival to first schedule
 
     @property
@@ -127,6 +128,7 @@ class RequestState:
                     else None
                 ),
                 error=seq.finish_message if seq.finish_reason is FinishReason.ERROR else None,
+                error_code=seq.finish_code if seq.finish_reason is FinishReason.ERROR else None,
                 queue_seconds=(
                     seq.first_scheduled_time - seq.arrival_time
                     if finish and seq.first_scheduled_time is not None

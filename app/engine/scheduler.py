@@ -126,12 +126,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: FinishReason, message: str | None = None) -> None:
-        """End `seq`: free its blocks, or hand them to its session."""
+    def finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        message: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        """End `seq`: free its blocks, or hand them to its session. `code` names an error the
+        request caused (a client error)."""
         if seq.is_finished:
             return
         was_running = seq.status is SequenceStatus.RUNNING
-        seq.finish(reason, message)
+        seq.finish(reason, message, code)
         if was_running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -18,6 +18,10 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+# The error code of a request whose grammar the vocabulary cannot continue.
+UNSATISFIABLE_GRAMMAR = "unsatisfiable_grammar"
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
@@ -47,6 +51,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     finish_message: str | None = None
+    # An error the request itself caused (e.g. UNSATISFIABLE_GRAMMAR): a client error, not the
+    # engine's.
+    finish_code: str | None = None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -111,7 +118,10 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def finish(self, reason: FinishReason, message: str | None = None) -> None:
+    def finish(
+        self, reason: FinishReason, message: str | None = None, code: str | None = None
+    ) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.finish_message = message
+        self.finish_code = code

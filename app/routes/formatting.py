@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from app.engine.detokenizer import token_to_text
 from app.engine.engine import RequestOutput
 from app.engine.outputs import TokenLogprob
-from app.errors import error_body
+from app.errors import APIError, error_body
 
 log = logging.getLogger("splitfuse.server")
 
@@ -100,9 +100,18 @@ class Usage:
         }
 
 
+def generation_error(out: RequestOutput) -> APIError:
+    """A failed request's error: 400 when its own input caused it (`error_code`, e.g. a grammar
+    the vocabulary cannot continue), else 500."""
+    if out.error_code:
+        return APIError(400, out.error or "the request cannot be served", code=out.error_code)
+    return APIError(500, out.error or "generation failed", code="engine_error")
+
+
 def engine_error(out: RequestOutput) -> dict[str, Any]:
-    """The event a stream ends with when the engine failed its request."""
-    return error_body(500, out.error or "generation failed", code="engine_error")
+    """The event a stream ends with when its request failed."""
+    error = generation_error(out)
+    return error_body(error.status, error.message, code=error.code)
 
 
 def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:

@@ -135,6 +135,8 @@ def register(router: APIRouter, ctx: Any) -> None:
         items = [first, *await gen.unless_disconnected(request, gen.collect(turn))]
         last = items[-1]
         if last["finish_reason"] == "error":
+            if last.get("error_code"):
+                raise APIError(400, last["error"], code=last["error_code"])
             raise APIError(500, last.get("error") or "generation failed", code="engine_error")
         return {**last, "text": "".join(i["text"] for i in items)}
 
@@ -180,6 +182,8 @@ async def _turn(
                 )
             if out.finish_reason == "error":
                 item["error"] = out.error
+                if out.error_code:
+                    item["error_code"] = out.error_code
             yield item
     finally:
         if not keep:

@@ -14,7 +14,13 @@ from app.engine.engine import RequestOutput
 from app.engine.outputs import TokenLogprob
 from app.errors import APIError
 from app.routes import generation as gen
-from app.routes.formatting import Usage, chat_logprobs, completion_logprobs, sse
+from app.routes.formatting import (
+    Usage,
+    chat_logprobs,
+    completion_logprobs,
+    generation_error,
+    sse,
+)
 from app.routes.protocol import ChatCompletionRequest, CompletionRequest
 from app.routes.streams import chat_chunks, completion_chunks
 from app.routes.structured import ChatPlan, OutputParsers, chat_plan, request_grammar
@@ -173,7 +179,7 @@ def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
 
 def _raise_if_error(out: RequestOutput) -> None:
     if out.finish_reason == "error":
-        raise APIError(500, out.error or "generation failed", code="engine_error")
+        raise generation_error(out)
 
 
 def _response(

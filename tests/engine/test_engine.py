@@ -131,6 +131,22 @@ def test_pipeline_logits_processors(tiny_model_dir: Path) -> None:
         assert pipe([300], gen_config=plain).token_ids == outs[1].token_ids  # serving on
 
 
+def test_a_grammar_the_vocabulary_cannot_continue_fails_its_request_only(
+    tiny_model_dir: Path,
+) -> None:
+    # xgrammar finds no token for this unassigned code point: the regex dead-ends after "a".
+    dead_end = {"type": "regex_schema", "regex_schema": "a\U000a24d7"}
+    with pipeline(str(tiny_model_dir), backend_config=EngineConfig(block_size=16)) as pipe:
+        config = GenerationConfig(max_new_tokens=8, response_format=dead_end)
+        with pytest.raises(ValueError, match="the grammar cannot be continued"):
+            pipe([5, 6, 7], gen_config=config)
+        neighbour = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+        deltas = list(pipe.stream_infer([[5, 6, 7], [8, 9]], gen_config=[config, neighbour]))
+        last = {d.index: d for d in deltas}
+        assert last[0].finish_reason == "error"
+        assert last[1].finish_reason == "length" and last[1].generate_token_len == 8
+
+
 def test_pipeline_log_level_and_unknown_arguments(tiny_model_dir: Path) -> None:
     logger = logging.getLogger("splitfuse")
     previous = logger.level

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from server_harness import Server, start_server
+from server_harness import Server, parse_sse, start_server
 
 from app.routes.chat_output import ChoiceParser
 from app.tools import ReasoningParser
@@ -379,6 +379,31 @@ BAD = {
     "slow-schema": ({"guided_json": SLOW_SCHEMA}, "guided_json"),
     "bad-tool-choice": ({"tools": TOOLS, "tool_choice": {"function": {"name": "nope"}}}, None),
 }
+
+
+def test_a_grammar_the_vocabulary_cannot_continue_is_a_400(server: Server) -> None:
+    # xgrammar finds no token for this unassigned code point: the regex dead-ends after its
+    # first character, and that is the request's error (it was a 500 the fuzz test found).
+    body = {
+        "model": server.model,
+        "messages": ASK_JSON,
+        "max_tokens": 8,
+        "guided_regex": "a\U000a24d7",
+    }
+    reply = server.post("/v1/chat/completions", body)
+    assert reply.status == 400, reply.body
+    error = reply.json()["error"]
+    assert error["code"] == "unsatisfiable_grammar" and "cannot be continued" in error["message"]
+    streamed = server.post("/v1/chat/completions", {**body, "stream": True})
+    events = parse_sse(streamed.body.decode())
+    assert streamed.status == 200 and events[-1] == "[DONE]"
+    last = json.loads(events[-2])["error"]
+    assert last["type"] == "invalid_request_error" and last["code"] == "unsatisfiable_grammar"
+    assert server.post("/v1/chat/completions", {**body, "guided_regex": "ab"}).status == 200
+    regex = {"type": "regex_schema", "regex_schema": "a\U000a24d7"}
+    turn = {"prompt": "hi", "request_output_len": 8, "response_format": regex}
+    reply = server.post("/v1/chat/interactive", turn)
+    assert reply.status == 400 and reply.json()["error"]["code"] == "unsatisfiable_grammar"
 
 
 def test_bad_grammars_are_400s_while_others_stream(server: Server) -> None:
