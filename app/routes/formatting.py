@@ -100,17 +100,17 @@ class Usage:
         }
 
 
-def generation_error(out: RequestOutput) -> APIError:
-    """A failed request's error: 400 when its own input caused it (`error_code`, e.g. a grammar
-    the vocabulary cannot continue), else 500."""
-    if out.error_code:
-        return APIError(400, out.error or "the request cannot be served", code=out.error_code)
-    return APIError(500, out.error or "generation failed", code="engine_error")
+def generation_error(message: str | None, code: str | None) -> APIError:
+    """A failed request's error (RequestOutput's `error`, `error_code`): 400 when its own input
+    caused it (`code`, e.g. a grammar the vocabulary cannot continue), else 500."""
+    if code:
+        return APIError(400, message or "the request cannot be served", code=code)
+    return APIError(500, message or "generation failed", code="engine_error")
 
 
 def engine_error(out: RequestOutput) -> dict[str, Any]:
     """The event a stream ends with when its request failed."""
-    error = generation_error(out)
+    error = generation_error(out.error, out.error_code)
     return error_body(error.status, error.message, code=error.code)
 
 

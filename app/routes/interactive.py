@@ -20,6 +20,7 @@ from app.engine.config import SamplingParams
 from app.engine.sessions import SessionBusyError
 from app.errors import APIError
 from app.routes import generation as gen
+from app.routes.formatting import generation_error
 from app.routes.protocol import ChatMessage, InteractiveRequest
 from app.routes.structured import request_grammar
 
@@ -135,9 +136,7 @@ def register(router: APIRouter, ctx: Any) -> None:
         items = [first, *await gen.unless_disconnected(request, gen.collect(turn))]
         last = items[-1]
         if last["finish_reason"] == "error":
-            if last.get("error_code"):
-                raise APIError(400, last["error"], code=last["error_code"])
-            raise APIError(500, last.get("error") or "generation failed", code="engine_error")
+            raise generation_error(last.get("error"), last.get("error_code"))
         return {**last, "text": "".join(i["text"] for i in items)}
 
 

@@ -179,7 +179,7 @@ def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
 
 def _raise_if_error(out: RequestOutput) -> None:
     if out.finish_reason == "error":
-        raise generation_error(out)
+        raise generation_error(out.error, out.error_code)
 
 
 def _response(
