@@ -17,7 +17,10 @@ ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--session-len", dict(type=int, help="context window in tokens")),
     ("--max-batch-size", dict(type=int)),
     ("--cache-max-entry-count", dict(type=float, help="KV cache share of free GPU memory")),
-    ("--quant-policy", dict(type=int, choices=[0, 8], help="KV cache: 0 model dtype, 8 int8")),
+    (
+        "--quant-policy",
+        dict(type=int, choices=[0, 4, 8], help="KV cache: 0 model dtype, 8 int8, 4 int4"),
+    ),
     ("--num-gpu-blocks", dict(type=int, help="exact number of KV blocks")),
     ("--cpu-kv-cache-gib", dict(type=float)),
     ("--max-prefill-token-num", dict(type=int, help="token budget of one engine step")),

@@ -7,9 +7,10 @@
 For each model: transformers' greedy continuation of several prompts (one at a time) against
 splitfuse's in one batch, with chunked prefill, the prefix cache and CUDA graphs (and eager),
 and one prompt at a time (batch-1 decodes: the smallest graph, the one-row linears); then with an
-int8 KV cache against the same engine on the CPU (reported only). Reported as the share of
-matching tokens; exits 1 if fp32 matches less than 90%, or if the logits and hidden states that
-requests ask for (`output_logits`, `output_last_hidden_state`) differ from transformers'.
+int8 and an int4 KV cache against the same engine on the CPU (reported only). Reported as the
+share of matching tokens; exits 1 if fp32 matches less than 90%, or if the logits and hidden
+states that requests ask for (`output_logits`, `output_last_hidden_state`) differ from
+transformers'.
 """
 
 from __future__ import annotations
@@ -186,18 +187,20 @@ def check_model(
                 flush=True,
             )
             failed |= bad or (dtype == "float32" and not stats["same_with_prefix_cache"])
-    # An int8 KV cache (quant_policy=8), reported, not judged: its rounding noise alone moves
-    # most greedy tokens of a random-weight model (near-tied logits) even against the same
-    # engine on the CPU; `bench/kernels.py` checks the int8 kernels against the torch reference
-    # at real shapes, and the CPU tests the bundled model's answers.
-    for budget in (8192, 64):
-        int8 = {"quant_policy": 8, "until_eos": until_eos}
-        got, _ = ours(model_dir, prompts, new, "float32", False, budget, **int8)
-        cpu, _ = ours(model_dir, prompts, new, "float32", True, budget, False, device="cpu", **int8)
+    # An int8 / int4 KV cache (quant_policy=8 / 4), reported, not judged: its rounding noise
+    # alone moves most greedy tokens of a random-weight model (near-tied logits) even against
+    # the same engine on the CPU; `bench/kernels.py` checks the quantized kernels against the
+    # torch reference at real shapes, and the CPU tests the bundled model's answers.
+    for bits, budget in itertools.product((8, 4), (8192, 64)):
+        quant = {"quant_policy": bits, "until_eos": until_eos}
+        got, _ = ours(model_dir, prompts, new, "float32", False, budget, **quant)
+        cpu, _ = ours(
+            model_dir, prompts, new, "float32", True, budget, False, device="cpu", **quant
+        )
         agree = [first_difference(g, c) for g, c in zip(got, cpu, strict=True)]
         print(
-            f"{name + ' float32 int8 KV budget ' + str(budget):<40} tokens equal: "
-            f"{share_equal(got, cpu):6.1%} vs the CPU's int8 (first difference at "
+            f"{name + f' float32 int{bits} KV budget {budget}':<40} tokens equal: "
+            f"{share_equal(got, cpu):6.1%} vs the CPU's int{bits} (first difference at "
             f"{agree}); {share_equal(got, ref32):6.1%} vs transformers (float32 KV)",
             flush=True,
         )

@@ -5,8 +5,9 @@
 #   bash bench/gpu_suite.sh serve    serving at 16 and 32 req/s, traced (RATES, SERVE_FLAGS)
 #   bash bench/gpu_suite.sh verify   gpu_check, serving 16 req/s with and without async
 #                                    scheduling, 8B batch-1 latency (~9 min)
-#   bash bench/gpu_suite.sh int8     random-256 and mixed with the KV cache in bf16 and in int8
-#                                    (quant_policy 8), the attention kernels both ways (~6 min)
+#   bash bench/gpu_suite.sh int8     random-256 and mixed with the KV cache in bf16, int8 and int4
+#                                    (quant_policy 0, 8, 4; QUANTS), the attention kernels each
+#                                    way (~9 min)
 #   bash bench/gpu_suite.sh profile  where the GPU time goes: batch-1 and both workloads with their
 #                                    kernels summed by kind, the GEMV and decode-attention
 #                                    launch-setting sweeps, cuBLAS rates (~9 min)
@@ -100,9 +101,9 @@ case "${1:-quick}" in
       --json "$out/latency-8b.json" 2>&1 | tail -4
     ;;
   int8)
-    # The int8 KV cache against the bf16 one in the same call.
+    # The quantized KV caches against the bf16 one in the same call.
     for workload in random-256 mixed; do
-      for quant in 0 8; do
+      for quant in ${QUANTS:-0 8 4}; do
         python bench/throughput.py --model-config llama-3.1-8b --dtype bfloat16 --skip-hf \
           --workload $workload --quant-policy $quant --json "$out/tp-8b-$workload-q$quant.json" \
           2>&1 | grep -i "idle\|pool\|^splitfuse  "

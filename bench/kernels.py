@@ -48,6 +48,7 @@ from app.kernels.attention import (
     paged_attention_ref,
     paged_attention_triton,
     quantize_kv,
+    quantize_kv_int4,
 )
 from app.kernels.decode_attention import (
     MAX_SPLITS,
@@ -256,6 +257,11 @@ def compiled_resources(fn: triton.JITFunction) -> set[str]:
     return found
 
 
+def kv_label(quant_policy: int) -> str:
+    """A case name's suffix for a quantized KV cache."""
+    return f" int{quant_policy} KV" if quant_policy else ""
+
+
 def compare(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, bool]:
     """Relative L2 error over all outputs together, and whether it passes (NaN fails)."""
     pairs = zip(outs, refs, strict=True)
@@ -324,22 +330,22 @@ class Bench:
             rows[every] = self.randn(len(every), s.num_kv_heads, s.head_dim)
         return k_cache, v_cache, self.metadata(batch, table_t)
 
-    def paged_int8(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """`paged`'s caches as int8 with their scales (head-major within a block, as the
-        engine keeps them): k, v, k_scale, v_scale, metadata."""
+    def paged_caches(self, batch: Batch, quant_policy: int) -> tuple:
+        """`paged`'s caches, quantized for quant_policy 8 or 4 with their scales (head-major
+        within a block, as the engine keeps them): k, v, kv_scales (None for a cache in the
+        model's dtype), metadata."""
         k_cache, v_cache, meta = self.paged(batch)
-        (k8, k_scale), (v8, v_scale) = quantize_kv(k_cache), quantize_kv(v_cache)
-        scales = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_scale, v_scale)]
-        return k8, v8, *scales, meta
+        if not quant_policy:
+            return k_cache, v_cache, None, meta
+        quantize = quantize_kv_int4 if quant_policy == 4 else quantize_kv
+        (k_q, k_scale), (v_q, v_scale) = quantize(k_cache), quantize(v_cache)
+        scales = tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_scale, v_scale))
+        return k_q, v_q, scales, meta
 
     def decode_inputs(self, batch_size: int, context: int, quant_policy: int) -> tuple:
         """q, the caches, their scales (None for a cache in the model's dtype) and metadata."""
         batch = ((context, 1),) * batch_size
-        if quant_policy:  # int8 values and a float32 scale per token and kv head
-            k_cache, v_cache, k_scale, v_scale, meta = self.paged_int8(batch)
-            kv_scales = (k_scale, v_scale)
-        else:
-            (k_cache, v_cache, meta), kv_scales = self.paged(batch), None
+        k_cache, v_cache, kv_scales, meta = self.paged_caches(batch, quant_policy)
         q = self.randn(batch_size, self.s.num_heads, self.s.head_dim)
         return q, k_cache, v_cache, kv_scales, meta
 
@@ -361,12 +367,12 @@ class Bench:
 
         per_token = kv_bytes_per_token(s.num_kv_heads, s.head_dim, q.dtype, quant_policy)
         work = batch_size * context * per_token + 2 * q.numel() * q.element_size()
-        case = f"batch {batch_size} ctx {context}" + (" int8 KV" if quant_policy else "")
+        case = f"batch {batch_size} ctx {context}" + kv_label(quant_policy)
         if not sweep:
             self.record("decode attn", case, run, run_ref, work, "GB/s")
             return
         ref = run_ref()
-        chosen = decode_tiles(s.head_dim * q.element_size(), bool(quant_policy))
+        chosen = decode_tiles(s.head_dim * q.element_size(), quant_policy)
         timed = []
         for setting in DECODE_GRID:
             try:
@@ -425,11 +431,7 @@ class Bench:
         """One prefill-attention case; `sweep` times every PREFILL_GRID setting on it instead
         (a batch of prompts and chunks only: no decodes)."""
         s = self.s
-        if quant_policy:
-            k_cache, v_cache, k_scale, v_scale, meta = self.paged_int8(batch)
-            kv_scales = (k_scale, v_scale)
-        else:
-            (k_cache, v_cache, meta), kv_scales = self.paged(batch), None
+        k_cache, v_cache, kv_scales, meta = self.paged_caches(batch, quant_policy)
         q = self.randn(sum(meta.query_lens_cpu), s.num_heads, s.head_dim)
         scale = s.head_dim**-0.5
         out, ref = self.nan(*q.shape), torch.empty_like(q)
@@ -463,7 +465,7 @@ class Bench:
 
         visible = sum(sum(range(n - k + 1, n + 1)) for n, k in batch)  # keys per query, summed
         work = 4 * visible * s.num_heads * s.head_dim
-        name += " int8 KV" if quant_policy else ""
+        name += kv_label(quant_policy)
         if not sweep:
             self.record("prefill attn", name, run, run_ref, work, "TFLOP/s")
             return
@@ -605,7 +607,7 @@ class Bench:
         cache_bytes = kv_bytes_per_token(s.num_kv_heads, s.head_dim, self.dtype, quant_policy)
         work = tokens * ((2 * q_size + 3 * kv_size) * elem + cache_bytes + s.head_dim * 4 + 8)
         run, run_ref = setup(rotary_and_cache_triton), setup(rotary_and_cache_ref)
-        case = f"{tokens} tokens" + (" int8 KV" if quant_policy else "")
+        case = f"{tokens} tokens" + kv_label(quant_policy)
         self.record("rope+kv write", case, run, run_ref, work, "GB/s")
 
     def silu(self, tokens: int) -> None:
@@ -692,6 +694,12 @@ def main() -> None:
         "--gemm-rows", default=None, help="comma-separated token counts for --only gemm"
     )
     parser.add_argument(
+        "--kv",
+        default="0,8,4",
+        help="comma-separated KV caches (quant_policy) for the attention and rope cases: "
+        "0 model dtype, 8 int8, 4 int4",
+    )
+    parser.add_argument(
         "--ragged",
         default=None,
         help="comma-separated BATCH:SHORTEST:LONGEST cases for --only decode-ragged",
@@ -710,7 +718,7 @@ def main() -> None:
     bench = Bench(shapes, dtype, device)
     print(HEADER)
     groups = set(args.only.split(","))
-    for quant_policy in (0, 8):  # the cache in the model's dtype, then int8
+    for quant_policy in (int(n) for n in args.kv.split(",")):
         for batch_size, context in shapes.decode if "decode" in groups else ():
             bench.decode(batch_size, context, quant_policy)
         for batch_size, context in shapes.decode_sweep if "decode-sweep" in groups else ():

@@ -107,7 +107,9 @@ def main() -> None:
     parser.add_argument(
         "--no-async-scheduling", action="store_true", help="schedule each step after the last"
     )
-    parser.add_argument("--quant-policy", type=int, default=0, choices=[0, 8], help="8: int8 KV")
+    parser.add_argument(
+        "--quant-policy", type=int, default=0, choices=[0, 4, 8], help="8: int8 KV, 4: int4"
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument(
         "--profile", action="store_true", help="one more run, its GPU kernels summed by kind"

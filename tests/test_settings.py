@@ -51,7 +51,7 @@ def test_resolution_order(tmp_path) -> None:
         ({"SPLITFUSE_ENABLE_PREFIX_CACHING": "maybe"}, "enable_prefix_caching"),
         ({"SPLITFUSE_BLOCK_SIZE": "48"}, "power of two"),
         ({"SPLITFUSE_DTYPE": "int3"}, "dtype"),
-        ({"SPLITFUSE_QUANT_POLICY": "4"}, "quant_policy must be 0 .* or 8"),
+        ({"SPLITFUSE_QUANT_POLICY": "2"}, "quant_policy must be 0 .* or 4"),
     ],
 )
 def test_bad_values_are_one_line_errors(env: dict[str, str], message: str) -> None:
@@ -83,3 +83,5 @@ def test_quant_policy_by_flag_or_environment() -> None:
     assert load_settings(env={"SPLITFUSE_QUANT_POLICY": "8"}).engine.quant_policy == 8
     flag = build_parser().parse_args(["serve", "--quant-policy", "8"])
     assert _settings(flag).engine.quant_policy == 8
+    flag = build_parser().parse_args(["serve", "--quant-policy", "4"])
+    assert _settings(flag).engine.quant_policy == 4

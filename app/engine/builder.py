@@ -198,7 +198,7 @@ def build(model: str | os.PathLike | None, config: EngineConfig) -> tuple[ModelI
         num_blocks,
         config.block_size,
         num_blocks * config.block_size,
-        ", int8" if config.quant_policy else "",
+        f", int{config.quant_policy}" if config.quant_policy else "",
         max_model_len,
         config.max_batch_size,
     )

@@ -42,7 +42,7 @@ class EngineConfig:
     max_batch_size: int = 0  # 0: chosen for the device (see builder.default_max_batch_size)
     block_size: int = 64
     cache_max_entry_count: float = 0.8
-    quant_policy: int = 0  # 8: int8 KV cache
+    quant_policy: int = 0  # 8: int8 KV cache, 4: int4
     num_gpu_blocks: int = 0
     cpu_kv_cache_gib: float = 1.0
     max_prefill_token_num: int = 8192
@@ -77,9 +77,9 @@ class EngineConfig:
             f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}",
         )
         _check(
-            self.quant_policy in (0, 8),
-            f"quant_policy must be 0 (KV cache in the model's dtype) or 8 (int8 KV cache), "
-            f"got {self.quant_policy}",
+            self.quant_policy in (0, 4, 8),
+            f"quant_policy must be 0 (KV cache in the model's dtype), 8 (int8 KV cache) or "
+            f"4 (int4 KV cache), got {self.quant_policy}",
         )
         _check(self.num_gpu_blocks >= 0, f"num_gpu_blocks must be >= 0, got {self.num_gpu_blocks}")
         _check(

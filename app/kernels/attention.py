@@ -1,6 +1,6 @@
-"""Paged attention over the block-table KV cache: the batch layout, the cache (model dtype, or
-int8 with a float32 scale per token and kv head), its write, and a torch reference that handles
-decode, prefill and mid-sequence chunks in one mixed batch."""
+"""Paged attention over the block-table KV cache: the batch layout, the cache (model dtype, int8
+with a float32 scale per token and kv head, or int4 with a scale and a zero point), its write,
+and a torch reference that handles decode, prefill and mid-sequence chunks in one mixed batch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from app.kernels.decode_attention import longest_first, paged_decode_attention
 from app.kernels.prefill_attention import paged_prefill_attention
 
 # One layer's cache: (k, v) `[N, block_size, kvh, hd]`, then (k_scale, v_scale) `[N, block_size,
-# kvh]` float32 when k and v hold int8 (LMDeploy's quant_policy=8).
+# kvh]` float32 when k and v hold int8 (LMDeploy's quant_policy=8). With quant_policy=4, k and v
+# are uint8 `[N, block_size, kvh, hd / 2]`, byte i holding dimension 2i in its low nibble and
+# 2i + 1 in its high one, and the scales `[N, block_size, kvh, 2]`: (scale, zero point).
 KVCache = tuple[torch.Tensor, ...]
 KVScales = tuple[torch.Tensor, torch.Tensor]
 
@@ -29,17 +31,22 @@ def new_kv_cache(
     fill: float = 0.0,
 ) -> KVCache:
     """One layer's cache; `fill` for the values (NaN in tests, to catch reads of unwritten
-    slots; an int8 cache takes it in its scales)."""
+    slots; a quantized cache takes it in its scales)."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     if not quant_policy:
         return tuple(torch.full(shape, fill, dtype=dtype, device=device) for _ in range(2))
-    values = tuple(torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(2))
+    if quant_policy == 4:
+        shape, values_dtype, per_slot = (*shape[:3], head_dim // 2), torch.uint8, (2,)
+    else:
+        values_dtype, per_slot = torch.int8, ()
+    values = tuple(torch.zeros(shape, dtype=values_dtype, device=device) for _ in range(2))
     # Scales are stored head-major within a block, so that the kernels' tile of one head's
     # scales is contiguous: `[N, bs, kvh]` views of `[N, kvh, bs]` tensors.
     scales = tuple(
-        torch.full((num_blocks, num_kv_heads, block_size), fill, device=device).transpose(1, 2)
+        torch.full((num_blocks, num_kv_heads, block_size, *per_slot), fill, device=device)
+        .transpose(1, 2)
         for _ in range(2)
-    )
+    )  # fmt: skip
     return values + scales
 
 
@@ -47,6 +54,8 @@ def kv_bytes_per_token(
     num_kv_heads: int, head_dim: int, dtype: torch.dtype, quant_policy: int = 0
 ) -> int:
     """Bytes one token takes in one layer's cache (keys and values)."""
+    if quant_policy == 4:
+        return 2 * num_kv_heads * (head_dim // 2 + 8)  # two values a byte, a scale and a zero
     if quant_policy:
         return 2 * num_kv_heads * (head_dim + 4)  # int8 values and a float32 scale per head
     return 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
@@ -67,6 +76,29 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = x.abs().amax(-1).clamp_min(1e-6)
     values = torch.floor(x * (127.0 / absmax)[..., None] + 0.5).clamp_(-127, 127)
     return values.to(torch.int8), absmax / 127.0
+
+
+def quantize_kv_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit `[..., hd]` (LMDeploy's quant_policy=4): each row's values mapped onto
+    0..15 between its minimum (the zero point) and maximum, rounded half up, two to a byte.
+    Returns (uint8 `[..., hd / 2]`, float32 `[..., 2]` (scale, zero point)); the Triton cache
+    write computes the same values."""
+    x = x.float()
+    low = x.amin(-1)
+    span = (x.amax(-1) - low).clamp_min(1e-6)
+    values = torch.floor((x - low[..., None]) * (15.0 / span)[..., None] + 0.5).clamp_(0, 15)
+    values = values.to(torch.uint8)
+    packed = values[..., 0::2] | (values[..., 1::2] << 4)
+    return packed, torch.stack((span / 15.0, low), -1)
+
+
+def dequantize_kv(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 keys or values from a quantized cache's rows and their scales (`[..., 2]` scale
+    and zero point for int4, `[...]` for int8)."""
+    if values.dtype == torch.uint8:
+        unpacked = torch.stack((values & 15, values >> 4), -1).flatten(-2).float()
+        return unpacked * scales[..., :1] + scales[..., 1:]
+    return values.float() * scales[..., None]
 
 
 @dataclass
@@ -208,13 +240,14 @@ def write_kv_cache(
     kv_scales: KVScales | None = None,
 ) -> None:
     """Store this step's keys/values `[T, kvh, hd]` at their slots in `[N, bs, kvh, hd]` caches
-    (quantized, with their scales, for an int8 cache)."""
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    (quantized, with their scales, for an int8 or int4 cache)."""
+    block_size, num_kv_heads, width = k_cache.shape[1:]
+    quantize = quantize_kv_int4 if k_cache.dtype == torch.uint8 else quantize_kv
     for x, cache, scales in zip((k, v), (k_cache, v_cache), kv_scales or (None, None), strict=True):
         if scales is not None:
-            x, scale = quantize_kv(x)
+            x, scale = quantize(x)
             scales[slot_mapping // block_size, slot_mapping % block_size] = scale
-        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x.to(cache.dtype))
+        cache.view(-1, num_kv_heads, width).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 def paged_attention(
@@ -294,11 +327,12 @@ def paged_attention_ref(
     compute_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         compute_dtype = torch.float32
-    k = k_cache.view(-1, num_kv_heads, head_dim)[layout.slots]  # [B, S, kvh, hd]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[layout.slots]
-    if kv_scales is not None:  # int8 values times their scales, in float32
-        k = k.float() * kv_scales[0][layout.block_slot][..., None]
-        v = v.float() * kv_scales[1][layout.block_slot][..., None]
+    width = k_cache.shape[-1]  # head_dim, or half of it for int4
+    k = k_cache.view(-1, num_kv_heads, width)[layout.slots]  # [B, S, kvh, hd]
+    v = v_cache.view(-1, num_kv_heads, width)[layout.slots]
+    if kv_scales is not None:  # quantized values back to float32
+        k = dequantize_kv(k, kv_scales[0][layout.block_slot])
+        v = dequantize_kv(v, kv_scales[1][layout.block_slot])
     k, v = k.to(compute_dtype), v.to(compute_dtype)
     k = torch.where(layout.key_valid, k, 0.0)
     v = torch.where(layout.key_valid, v, 0.0)

@@ -22,6 +22,7 @@ from app.kernels.paged_tile import (
     attend_tile,
     check_head_dim,
     dot_precision,
+    quant_bits,
     scale_args,
 )
 
@@ -108,6 +109,7 @@ def _decode_split_kernel(
     d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_sum = tl.sum(q.to(tl.float32), 1)  # for an int4 cache's zero points (else unused)
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -120,15 +122,15 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for n0 in range(start, full_end, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
-            q, acc, row_max, row_sum, k_base, v_base, table_row, n0, end, q_pos, window,
+            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, n0, end, q_pos, window,
             scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
         )  # fmt: skip
     if full_end < end:
         acc, row_max, row_sum = attend_tile(
-            q, acc, row_max, row_sum, k_base, v_base, table_row, full_end, end, q_pos, window,
-            scale_log2,
+            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, full_end, end, q_pos,
+            window, scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
         )  # fmt: skip
@@ -182,12 +184,13 @@ def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:
     return torch.argsort(seq_lens, descending=True)
 
 
-def decode_tiles(row_bytes: int, int8: bool) -> tuple[int, int, int]:
+def decode_tiles(row_bytes: int, quant: int = 0) -> tuple[int, int, int]:
     """(keys per tile, warps, stages): 64 keys for rows of up to 256 bytes (bf16 head_dim 128),
-    32 for wider ones, twice as many from an int8 cache, whose tiles are half the bytes (1.2-1.3x
-    faster on an H100 at batch 64-512); 4 warps, 2 load stages. Swept on an H200 (`bench/kernels.py
-    --only decode-sweep`), bf16 tiles ran 0.4-2.5% faster with 2 stages than with Triton's 3."""
-    keys = (64 if row_bytes <= 256 else 32) * (2 if int8 else 1)
+    32 for wider ones, twice as many from an int8 or int4 cache (`quant` 8 or 4), whose tiles are
+    a half or a quarter of the bytes (int8: 1.2-1.3x faster on an H100 at batch 64-512); 4 warps,
+    2 load stages. Swept on an H200 (`bench/kernels.py --only decode-sweep`), bf16 tiles ran
+    0.4-2.5% faster with 2 stages than with Triton's 3."""
+    keys = (64 if row_bytes <= 256 else 32) * (2 if quant else 1)
     return keys, 4, 2
 
 
@@ -227,7 +230,7 @@ def paged_decode_attention(
         num_sms = _num_sms(q.device)
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, num_sms)
     group = num_heads // num_kv_heads
-    quant = kv_scales is not None
+    quant = quant_bits(k_cache, kv_scales)
     block_n, warps, stages = tiles or decode_tiles(head_dim * q.element_size(), quant)
     single = num_splits == 1
     part_out = part_lse = out  # unused by the single-split kernel; any tensor fills the slot

@@ -1,5 +1,5 @@
 """The inner step shared by the Triton attention kernels: one tile of keys/values gathered from
-the paged cache through a block table (int8 ones scaled back per token), folded into an
+the paged cache through a block table (int8 or int4 ones scaled back per token), folded into an
 online-softmax accumulator."""
 
 from __future__ import annotations
@@ -22,22 +22,33 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def quant_bits(k_cache: torch.Tensor, kv_scales: tuple | None) -> int:
+    """The kernels' QUANT: 0 for a cache in the model's dtype, 8 for int8, 4 for packed int4."""
+    if kv_scales is None:
+        return 0
+    return 4 if k_cache.dtype == torch.uint8 else 8
+
+
 def scale_args(
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """The kernels' scale arguments: both `[N, bs, kvh]` scale tensors and their strides, or
+    """The kernels' scale arguments: both `[N, bs, kvh(, 2)]` scale tensors and the strides of
+    their first three dimensions (an int4 cache's zero point sits right after its scale), or
     placeholders (never read) for a cache in the model's dtype."""
     if kv_scales is None:
         return k_cache, k_cache, 0, 0, 0
     k_scale, v_scale = kv_scales
     if k_scale.stride() != v_scale.stride():
         raise ValueError("k and v scales must share a layout")
-    return k_scale, v_scale, *k_scale.stride()
+    if k_scale.dim() == 4 and k_scale.stride(3) != 1:
+        raise ValueError("an int4 cache's zero point must follow its scale")
+    return k_scale, v_scale, *k_scale.stride()[:3]
 
 
 @triton.jit
 def attend_tile(
     q,
+    q_sum,
     acc,
     row_max,
     row_sum,
@@ -70,12 +81,13 @@ def attend_tile(
     Scores live in log2 units (scale_log2 = scale * log2 e) so exp2 replaces exp. Unmasked tiles
     must lie wholly below `k_end` and be visible to every query row. Masked tiles also hide keys
     at or past `k_end`, after a row's position, or (window > 0) older than its window. With
-    QUANT the cache holds int8 and `ks_base`/`vs_base` point at the kv head's float32 scales:
-    keys are scaled back in the scores and values in the probabilities, so neither tile is
-    multiplied out.
+    QUANT (8 or 4) the cache holds int8 or packed int4 and `ks_base`/`vs_base` point at the kv
+    head's float32 scales: keys are scaled back in the scores and values in the probabilities,
+    so neither tile is multiplied out. An int4 key's zero point adds zero * sum(q) (`q_sum`,
+    float32 per row) to its scores, a value's adds sum(p * zero) to the output.
     """
     pos = n0 + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_DIM // 2) if QUANT == 4 else tl.arange(0, HEAD_DIM)  # int4: 2 a byte
     in_range = pos < k_end
     table_ptrs = table_row + pos // BLOCK_SIZE
     page = tl.load(table_ptrs, mask=in_range, other=0) if MASKED else tl.load(table_ptrs)
@@ -93,8 +105,18 @@ def attend_tile(
         else:
             k_scale = tl.load(ks_base + where)
             v_scale = tl.load(vs_base + where)
-        k = k.to(q.dtype)  # int8 values are exact in every float type
+        if QUANT == 4:
+            if MASKED:
+                k_zero = tl.load(ks_base + where + 1, mask=in_range, other=0.0)
+                v_zero = tl.load(vs_base + where + 1, mask=in_range, other=0.0)
+            else:
+                k_zero = tl.load(ks_base + where + 1)
+                v_zero = tl.load(vs_base + where + 1)
+            k = tl.interleave(k & 15, k >> 4)
+        k = k.to(q.dtype)  # int8 and int4 values are exact in every float type
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
+        if QUANT == 4:
+            s += q_sum[:, None] * (k_zero * scale_log2)[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
@@ -110,8 +132,13 @@ def attend_tile(
     row_sum = row_sum * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
     if QUANT:
-        p = p * v_scale[None, :]
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        if QUANT == 4:
+            v = tl.interleave(v & 15, v >> 4)
+        pv = tl.dot(
+            (p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION
+        )
+        if QUANT == 4:
+            pv += tl.sum(p * v_zero[None, :], 1)[:, None]
     else:
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv

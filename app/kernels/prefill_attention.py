@@ -19,6 +19,7 @@ from app.kernels.paged_tile import (
     attend_tile,
     check_head_dim,
     dot_precision,
+    quant_bits,
     scale_args,
 )
 
@@ -100,6 +101,7 @@ def _prefill_kernel(
     token = (q_start + tok).to(tl.int64)
     q_ptrs = q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_sum = tl.sum(q.to(tl.float32), 1)  # for an int4 cache's zero points (else unused)
     q_pos = cached + tok
 
     # Keys past the tile's last query are invisible to all its rows.
@@ -119,14 +121,14 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     for n0 in range(k_lo, full_end, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
-            q, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
+            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
             scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
         )  # fmt: skip
     for n0 in range(full_end, k_end, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
-            q, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
+            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
             scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
@@ -139,19 +141,19 @@ def _prefill_kernel(
 
 
 def prefill_tiles(
-    head_dim: int, group: int, elem_size: int, int8: bool
+    head_dim: int, group: int, elem_size: int, quant: int = 0
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, GROUP_PAD, BLOCK_N, num_warps, num_stages): about 128 query rows and 64 keys
     per step for rows of up to 256 bytes, half of each for wider rows, whose tiles would not fit
     in registers otherwise. 16-bit head_dim 128 takes 256 rows and three load stages, 16-bit
     head_dim 64 eight warps: 1.3-1.5x and 1.2x faster on an H200 (`bench/kernels.py
-    --only prefill-sweep`, GQA 4). An int8 cache's tiles are converted in registers before the
-    dot: 32 keys, 4 warps and no load pipelining measured 1.2-1.6x faster there on an H100
-    (head_dim 128, GQA 4)."""
+    --only prefill-sweep`, GQA 4). A quantized cache's tiles (`quant` 8 or 4) are converted in
+    registers before the dot: 32 keys, 4 warps and no load pipelining measured 1.2-1.6x faster
+    there for int8 on an H100 (head_dim 128, GQA 4)."""
     group_pad = triton.next_power_of_2(group)
     wide = head_dim * elem_size > 256
     block_q = max(1, (64 if wide else 128) // group_pad)
-    if int8:
+    if quant:
         return block_q, group_pad, 32, 4, 1
     if elem_size == 2 and head_dim == 128:
         return max(1, 256 // group_pad), group_pad, 64, 8, 3
@@ -190,8 +192,9 @@ def paged_prefill_attention(
     if out is None:
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     group = num_heads // num_kv_heads
+    quant = quant_bits(k_cache, kv_scales)
     block_q, group_pad, block_n, num_warps, num_stages = prefill_tiles(
-        head_dim, group, q.element_size(), kv_scales is not None
+        head_dim, group, q.element_size(), quant
     )
     if tiles is not None:
         block_q, block_n, num_warps, num_stages = tiles
@@ -212,7 +215,7 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
-        QUANT=kv_scales is not None,
+        QUANT=quant,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """Rotary position embedding of queries and keys, fused with the store of this step's keys and
-values into the paged cache (quantized to int8 there, with a scale per token and kv head, for an
-int8 cache): one pass over q/k/v instead of three."""
+values into the paged cache (quantized there, with a scale per token and kv head, for an int8
+or int4 cache): one pass over q/k/v instead of three."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from app.kernels.attention import KVScales, write_kv_cache
-from app.kernels.paged_tile import scale_args
+from app.kernels.paged_tile import quant_bits, scale_args
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def rotary_and_cache(
 ) -> None:
     """Rotate q `[T, H, hd]` and k `[T, kvh, hd]` in place by this step's (cos, sin)
     `[T, hd/2]` (float32), then store k and v at their slots of the `[N, bs, kvh, hd]` caches
-    (`kv_scales` for an int8 cache). Triton on CUDA tensors, the torch reference elsewhere."""
+    (`kv_scales` for a quantized cache). Triton on CUDA tensors, the torch reference elsewhere."""
     run = rotary_and_cache_triton if q.is_cuda else rotary_and_cache_ref
     run(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, kv_scales)
 
@@ -137,6 +137,9 @@ def _rotary_cache_kernel(
         k1 = k1.to(k_ptr.dtype.element_ty).to(tl.float32)
         k2 = k2.to(k_ptr.dtype.element_ty).to(tl.float32)
         v = v.to(tl.float32)
+        where_s = (slot // BLOCK_SIZE) * stride_sb + (slot % BLOCK_SIZE) * stride_ss
+        head_ok = h < NUM_KV_HEADS
+    if QUANT == 8:
         k_max = tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1))
         k_max = tl.maximum(k_max, 1e-6)
         v_max = tl.maximum(tl.max(tl.abs(v), 1), 1e-6)
@@ -144,13 +147,46 @@ def _rotary_cache_kernel(
         k1 = tl.clamp(tl.floor(k1 * k_inv + 0.5), -127.0, 127.0)
         k2 = tl.clamp(tl.floor(k2 * k_inv + 0.5), -127.0, 127.0)
         v = tl.clamp(tl.floor(v * (127.0 / v_max)[:, None] + 0.5), -127.0, 127.0)
-        where_s = (slot // BLOCK_SIZE) * stride_sb + (slot % BLOCK_SIZE) * stride_ss
-        head_ok = h < NUM_KV_HEADS
         tl.store(ks_ptr + where_s + h * stride_sh, k_max / 127.0, mask=head_ok)
         tl.store(vs_ptr + where_s + h * stride_sh, v_max / 127.0, mask=head_ok)
-    tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=ok)
-    tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=ok)
-    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+    if QUANT == 4:
+        # Byte i of a row holds dimensions 2i and 2i + 1: the first half's bytes, then the
+        # second's, each packed from its own rotated half.
+        k_low = tl.minimum(tl.min(k1, 1), tl.min(k2, 1))
+        k_span = tl.maximum(tl.maximum(tl.max(k1, 1), tl.max(k2, 1)) - k_low, 1e-6)
+        v_low = tl.min(v, 1)
+        v_span = tl.maximum(tl.max(v, 1) - v_low, 1e-6)
+        k_inv = (15.0 / k_span)[:, None]
+        k1 = _pack_int4(_nibbles(k1, k_low, k_inv), KV_HEADS_PAD, HALF)
+        k2 = _pack_int4(_nibbles(k2, k_low, k_inv), KV_HEADS_PAD, HALF)
+        v = _pack_int4(_nibbles(v, v_low, (15.0 / v_span)[:, None]), KV_HEADS_PAD, 2 * HALF)
+        tl.store(ks_ptr + where_s + h * stride_sh, k_span / 15.0, mask=head_ok)
+        tl.store(ks_ptr + where_s + h * stride_sh + 1, k_low, mask=head_ok)
+        tl.store(vs_ptr + where_s + h * stride_sh, v_span / 15.0, mask=head_ok)
+        tl.store(vs_ptr + where_s + h * stride_sh + 1, v_low, mask=head_ok)
+        i = tl.arange(0, HALF // 2)
+        kc = k_cache_ptr + where + h[:, None] * stride_kch + i[None, :]
+        tl.store(kc, k1, mask=ok)
+        tl.store(kc + HALF // 2, k2, mask=ok)
+        vc = v_cache_ptr + where_v + h[:, None] * stride_vch + tl.arange(0, HALF)[None, :]
+        tl.store(vc, v, mask=ok)
+    else:
+        tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _nibbles(x, low, inv):
+    """`x` `[heads, n]` (float32) on the 0..15 grid from each row's `low`, rounded half up."""
+    return tl.clamp(tl.floor((x - low[:, None]) * inv + 0.5), 0.0, 15.0).to(tl.uint8)
+
+
+@triton.jit
+def _pack_int4(x, ROWS: tl.constexpr, N: tl.constexpr):
+    """`[ROWS, N]` values 0..15 two to a byte: element 2i in the low nibble of byte i."""
+    even, odd = tl.split(tl.reshape(x, (ROWS, N // 2, 2)))
+    return even | (odd << 4)
 
 
 def rotary_and_cache_triton(
@@ -185,6 +221,6 @@ def rotary_and_cache_triton(
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=head_dim // 2,
         BLOCK_SIZE=block_size,
-        QUANT=kv_scales is not None,
+        QUANT=quant_bits(k_cache, kv_scales),
         num_warps=4,
     )  # fmt: skip

@@ -99,11 +99,29 @@ def test_greedy_under_preemption(smollm2_dir: Path, reference) -> None:
     assert stats["num_free_blocks"] == 12
 
 
-def test_int8_kv_cache_keeps_greedy_tokens(smollm2_dir: Path, pipe: Pipeline, reference) -> None:
+# (quant_policy, pool tokens against float32's, loss moved by under, greedy answers kept)
+KV_QUANT = [(8, 3.5, 0.03, len(CHAT_PROMPTS) - 3), (4, 6.0, 0.15, 0)]
+
+
+@pytest.mark.parametrize(
+    ("quant_policy", "pool", "loss_moved", "kept"), KV_QUANT, ids=["int8", "int4"]
+)
+def test_quantized_kv_cache_scores_close(
+    smollm2_dir: Path,
+    pipe: Pipeline,
+    reference,
+    quant_policy: int,
+    pool: float,
+    loss_moved: float,
+    kept: int,
+) -> None:
     """quant_policy=8: the same pool memory holds 3.8x the tokens (int8 and a scale per head
     instead of float32); scored on transformers' answers the loss moves by under 3%, and most
-    greedy answers stay transformers' (a near tie can flip a token, and all after it)."""
-    config = EngineConfig(quant_policy=8)
+    greedy answers stay transformers' (a near tie can flip a token, and all after it).
+    quant_policy=4: 6.4x the tokens (two values a byte, a scale and a zero point per head);
+    LMDeploy's "slight loss" shows on this small model as losses within 15% (0.04-8% measured)
+    and greedy answers that drift from transformers' after a few tokens."""
+    config = EngineConfig(quant_policy=quant_policy)
     tok = pipe.tokenizer
     scored = [
         tok.encode(
@@ -119,11 +137,12 @@ def test_int8_kv_cache_keeps_greedy_tokens(smollm2_dir: Path, pipe: Pipeline, re
         results = p(CHAT_PROMPTS, gen_config=GREEDY)
         losses = p.get_ppl(scored)
         blocks = p.engine.stats()["num_free_blocks"]
-    assert blocks >= 3.5 * pipe.engine.stats()["num_free_blocks"]
-    for prompt, loss, full in zip(CHAT_PROMPTS, losses, pipe.get_ppl(scored), strict=True):
-        assert abs(loss - full) < 0.03 * full, prompt
+    assert blocks >= pool * pipe.engine.stats()["num_free_blocks"]
+    full_losses = pipe.get_ppl(scored)
+    for prompt, loss, full in zip(CHAT_PROMPTS, losses, full_losses, strict=True):
+        assert abs(loss - full) < loss_moved * full, prompt
     same = sum(r.token_ids == reference[p] for p, r in zip(CHAT_PROMPTS, results, strict=True))
-    assert same >= len(CHAT_PROMPTS) - 3
+    assert same >= kept
 
 
 def test_shared_prefix_computes_only_suffix(pipe: Pipeline) -> None:

@@ -40,7 +40,7 @@ class PagedBatch:
     k_cache: torch.Tensor  # [N, block_size, kvh, hd]
     v_cache: torch.Tensor
     meta: AttentionMetadata
-    kv_scales: KVScales | None = None  # an int8 cache's scales [N, block_size, kvh]
+    kv_scales: KVScales | None = None  # a quantized cache's scales [N, block_size, kvh(, 2)]
 
 
 def paged_batch(
@@ -55,7 +55,7 @@ def paged_batch(
     quant_policy: int = 0,
 ) -> PagedBatch:
     """`batch` lists (context length after this step, new tokens this step) per sequence;
-    `quant_policy=8` stores the keys and values as int8 with their scales."""
+    `quant_policy=8` (4) stores the keys and values as int8 (int4) with their scales."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(math.ceil(s / block_size) for s, _ in batch) + 2
     pool = torch.randperm(num_blocks, generator=gen).tolist()

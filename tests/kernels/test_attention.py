@@ -9,11 +9,13 @@ import torch
 
 from app.kernels.attention import (
     AttentionMetadata,
+    dequantize_kv,
     kv_bytes_per_token,
     new_kv_cache,
     paged_attention,
     paged_attention_ref,
     quantize_kv,
+    quantize_kv_int4,
     token_layout,
     write_kv_cache,
 )
@@ -169,14 +171,45 @@ def test_write_kv_cache_int8_stores_values_and_scales() -> None:
     assert kv_bytes_per_token(2, 8, torch.bfloat16) == 2 * 2 * 8 * 2
 
 
-def test_int8_cache_attention_close_to_full_precision() -> None:
-    """The same keys and values through an int8 cache: the attention moves by well under a
-    percent of its scale, and not at all where the cache is exact."""
+def test_quantize_kv_int4_rounds_within_half_a_step() -> None:
+    x = torch.randn(6, 3, 32, generator=torch.Generator().manual_seed(5)) * 4 + 1
+    x[0, 0] = 2.5  # a constant row must not divide by zero, and comes back exactly
+    packed, scales = quantize_kv_int4(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 3, 16) and scales.shape == (6, 3, 2)
+    nibbles = torch.stack((packed & 15, packed >> 4), -1).flatten(-2)
+    assert nibbles[1:].amin(-1).eq(0).all() and nibbles[1:].amax(-1).eq(15).all()
+    torch.testing.assert_close(scales[..., 1], x.amin(-1))  # the zero point is the row's minimum
+    error = (dequantize_kv(packed, scales) - x).abs()
+    assert (error <= scales[..., :1] / 2 + 1e-6).all()
+    assert error[0, 0].eq(0).all()
+
+
+def test_write_kv_cache_int4_packs_values_with_scales_and_zeros() -> None:
+    k_cache, v_cache, *scales = new_kv_cache(3, 4, 2, 8, torch.float32, "cpu", 4, fill=math.nan)
+    assert k_cache.shape == (3, 4, 2, 4) and scales[0].shape == (3, 4, 2, 2)
+    k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    write_kv_cache(k, v, k_cache, v_cache, torch.tensor([9, 2]), (scales[0], scales[1]))
+    for x, cache, scale in ((k, k_cache, scales[0]), (v, v_cache, scales[1])):
+        packed, expected = quantize_kv_int4(x)
+        assert torch.equal(cache[2, 1], packed[0]) and torch.equal(cache[0, 2], packed[1])
+        torch.testing.assert_close(scale[2, 1], expected[0])
+        assert scale.isnan().sum() == 3 * 4 * 2 * 2 - 2 * 2 * 2  # every other slot untouched
+    assert kv_bytes_per_token(2, 8, torch.bfloat16, 4) == 2 * 2 * (4 + 8)
+
+
+@pytest.mark.parametrize(("quant_policy", "tolerance"), [(8, 0.02), (4, 0.12)])
+def test_quantized_cache_attention_close_to_full_precision(
+    quant_policy: int, tolerance: float
+) -> None:
+    """The same keys and values through an int8 or int4 cache: the attention moves by a small
+    share of its scale (int4's 16 steps a row more than int8's 255)."""
     gen = torch.Generator().manual_seed(6)
     block_size, num_blocks = 4, 32
     meta, _ = _metadata(MIXED_BATCH, block_size, num_blocks, gen)
     full = new_kv_cache(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, torch.float32, "cpu")
-    int8 = new_kv_cache(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, torch.float32, "cpu", 8)
+    quantized = new_kv_cache(
+        num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, torch.float32, "cpu", quant_policy
+    )
     slots = torch.cat([
         meta.block_tables[b, torch.arange(s) // block_size].long() * block_size
         + torch.arange(s) % block_size
@@ -185,12 +218,14 @@ def test_int8_cache_attention_close_to_full_precision() -> None:
     k = torch.randn(len(slots), NUM_KV_HEADS, HEAD_DIM, generator=gen)
     v = torch.randn(len(slots), NUM_KV_HEADS, HEAD_DIM, generator=gen)
     write_kv_cache(k, v, full[0], full[1], slots)
-    write_kv_cache(k, v, int8[0], int8[1], slots, (int8[2], int8[3]))
+    write_kv_cache(k, v, quantized[0], quantized[1], slots, (quantized[2], quantized[3]))
     q = torch.randn(sum(meta.query_lens_cpu), NUM_HEADS, HEAD_DIM, generator=gen)
     expected = paged_attention_ref(q, full[0], full[1], meta, HEAD_DIM**-0.5)
-    out = paged_attention_ref(q, int8[0], int8[1], meta, HEAD_DIM**-0.5, kv_scales=int8[2:])
+    out = paged_attention_ref(
+        q, quantized[0], quantized[1], meta, HEAD_DIM**-0.5, kv_scales=quantized[2:]
+    )
     error = (out - expected).abs().max().item()
-    assert 0 < error < 0.02 * expected.abs().max().item()
+    assert 0 < error < tolerance * expected.abs().max().item()
 
 
 def test_token_layout_derives_positions_and_slots() -> None:

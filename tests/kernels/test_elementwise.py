@@ -8,7 +8,7 @@ import torch
 from paged_batch import DEVICE, close, nan_like, needs_triton
 
 from app.kernels.activation import silu_and_mul, silu_and_mul_ref, silu_and_mul_triton
-from app.kernels.attention import new_kv_cache
+from app.kernels.attention import dequantize_kv, new_kv_cache
 from app.kernels.norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
@@ -66,10 +66,13 @@ def test_rotary_and_cache_matches_reference(
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_and_cache_int8_matches_reference(dtype: torch.dtype) -> None:
-    """The int8 cache write: scales as the reference's, every stored key within half a step of
-    the rotated key (its rotation rounds differently from the reference's in half types), and
-    values, which are not rotated, exactly the reference's."""
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_rotary_and_cache_quantized_matches_reference(
+    dtype: torch.dtype, quant_policy: int
+) -> None:
+    """The int8 / int4 cache write: scales (and zero points) as the reference's, every stored
+    key within half a step of the rotated key (its rotation rounds differently from the
+    reference's in half types), and values, which are not rotated, exactly the reference's."""
     tokens, num_heads, num_kv_heads, head_dim, block_size = 6, 4, 3, 32, 8
     qkv = _randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=4) * 3
     angles = torch.rand(tokens, head_dim // 2, generator=torch.Generator().manual_seed(5)) * 50
@@ -80,7 +83,7 @@ def test_rotary_and_cache_int8_matches_reference(dtype: torch.dtype) -> None:
         packed = qkv.clone()
         q, k, v = packed.split([num_heads * head_dim, *[num_kv_heads * head_dim] * 2], -1)
         k_cache, v_cache, *scales = new_kv_cache(
-            5, block_size, num_kv_heads, head_dim, dtype, DEVICE, 8, fill=float("nan")
+            5, block_size, num_kv_heads, head_dim, dtype, DEVICE, quant_policy, fill=float("nan")
         )
         kv_heads = (tokens, num_kv_heads, head_dim)
         run(
@@ -94,21 +97,19 @@ def test_rotary_and_cache_int8_matches_reference(dtype: torch.dtype) -> None:
     written[slots] = True
     _, vc_ref, ks_ref, vs_ref = cache_ref
     kc_out, vc_out, ks_out, vs_out = cache_out
+    per_slot = (-1, num_kv_heads, *ks_out.shape[3:])  # int4: (scale, zero point) per head
     for out, ref in ((ks_out, ks_ref), (vs_out, vs_ref)):
-        flat = out.reshape(-1, num_kv_heads)
-        torch.testing.assert_close(
-            flat[written], ref.reshape(-1, num_kv_heads)[written], **close(dtype)
-        )
+        flat = out.reshape(per_slot)
+        torch.testing.assert_close(flat[written], ref.reshape(per_slot)[written], **close(dtype))
         assert flat[~written].isnan().all()  # no other slot's scale was touched
     k_rotated = packed_out[:, num_heads * head_dim :][:, : num_kv_heads * head_dim].float()
-    k_stored = (
-        kc_out.view(-1, num_kv_heads, head_dim)[slots].float()
-        * ks_out.reshape(-1, num_kv_heads)[slots, :, None]
-    )
-    half_step = ks_out.reshape(-1, num_kv_heads)[slots, :, None] / 2
+    width = kc_out.shape[-1]
+    stored_scales = ks_out.reshape(per_slot)[slots]
+    k_stored = dequantize_kv(kc_out.view(-1, num_kv_heads, width)[slots], stored_scales)
+    half_step = (stored_scales[..., :1] if quant_policy == 4 else stored_scales[..., None]) / 2
     error = (k_stored - k_rotated.view(tokens, num_kv_heads, head_dim)).abs()
-    assert (error <= half_step * 1.001).all()
-    assert kc_out.view(-1, num_kv_heads, head_dim)[~written].eq(0).all()
+    assert (error <= half_step * 1.001 + 1e-6).all()
+    assert kc_out.view(-1, num_kv_heads, width)[~written].eq(0).all()
     assert torch.equal(vc_out, vc_ref)  # values are not rotated: nothing to round differently
 
 

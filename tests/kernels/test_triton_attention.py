@@ -54,15 +54,16 @@ def _prefill(batch, *, window=None, tiles=None, **shape) -> None:
 
 
 def test_decode_tiles_by_row_width_and_cache_type() -> None:
-    assert decode_tiles(256, False) == (64, 4, 2)  # bf16 head_dim 128
-    assert decode_tiles(512, False) == (32, 4, 2)  # float32 head_dim 128
-    assert decode_tiles(256, True) == (128, 4, 2)  # int8 tiles: twice the keys
+    assert decode_tiles(256) == (64, 4, 2)  # bf16 head_dim 128
+    assert decode_tiles(512) == (32, 4, 2)  # float32 head_dim 128
+    assert decode_tiles(256, 8) == (128, 4, 2)  # int8 tiles: twice the keys
+    assert decode_tiles(256, 4) == (128, 4, 2)  # int4 the same
 
 
 # Every launch setting the decode sweep may pick computes the same attention, masked tail
 # tiles (keys not a multiple of the tile) and splits included.
 @pytest.mark.parametrize("tiles", [(32, 4, 1), (128, 8, 3)])
-@pytest.mark.parametrize("quant_policy", [0, 8])
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
 def test_decode_launch_settings(tiles: tuple[int, int, int], quant_policy: int) -> None:
     _decode(
         DECODES, splits=3, tiles=tiles, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
@@ -111,7 +112,7 @@ def test_longest_first_orders_rows_by_context() -> None:
 
 # Programs started longest first write each sequence's output to its own row, split or not.
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("quant_policy", [0, 8])
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
 def test_decode_longest_first(splits: int, quant_policy: int) -> None:
     _decode(
         DECODES[::-1] + DECODES, splits=splits, ordered=True, num_heads=8, num_kv_heads=2,
@@ -132,7 +133,7 @@ def test_decode_num_splits_fills_the_gpu() -> None:
 # Every launch setting the prefill sweep may pick computes the same attention: query tiles of
 # other sizes, key tiles smaller and larger than a cache block.
 @pytest.mark.parametrize("tiles", [(8, 16, 4, 1), (2, 64, 4, 3)])
-@pytest.mark.parametrize("quant_policy", [0, 8])
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
 def test_prefill_launch_settings(tiles: tuple[int, int, int, int], quant_policy: int) -> None:
     _prefill(
         MIXED, tiles=tiles, num_heads=8, num_kv_heads=2, head_dim=32, block_size=32,
@@ -192,34 +193,42 @@ def test_mixed_step_splits_decodes_from_chunks(batch: list[tuple[int, int]]) -> 
     torch.testing.assert_close(out, ref, **close(torch.float32))
 
 
-# An int8 cache (quant_policy=8): both kernels scale keys and values back per token and kv head,
-# as the reference does; NaN scales in the slots nobody wrote must stay out of the results.
+# An int8 or int4 cache (quant_policy=8 or 4): both kernels scale keys and values back per token
+# and kv head (int4 also adds zero points), as the reference does; NaN scales in the slots nobody
+# wrote must stay out of the results.
+QUANTIZED = pytest.mark.parametrize("quant_policy", [8, 4])
+
+
+@QUANTIZED
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
-def test_int8_cache_decode(splits: int, dtype: torch.dtype) -> None:
+def test_quantized_cache_decode(splits: int, dtype: torch.dtype, quant_policy: int) -> None:
     _decode(
         DECODES, splits=splits, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
-        dtype=dtype, quant_policy=8,
+        dtype=dtype, quant_policy=quant_policy,
     )  # fmt: skip
 
 
+@QUANTIZED
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
-def test_int8_cache_prefill(dtype: torch.dtype) -> None:
+def test_quantized_cache_prefill(dtype: torch.dtype, quant_policy: int) -> None:
     _prefill(
         MIXED, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype,
-        quant_policy=8,
+        quant_policy=quant_policy,
     )  # fmt: skip
 
 
-def test_int8_cache_sliding_window() -> None:
+@QUANTIZED
+def test_quantized_cache_sliding_window(quant_policy: int) -> None:
     shape = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "block_size": 16}
-    _decode(DECODES, splits=2, window=90, dtype=torch.float32, quant_policy=8, **shape)
-    _prefill(MIXED, window=24, dtype=torch.float32, quant_policy=8, **shape)
+    _decode(DECODES, splits=2, window=90, dtype=torch.float32, quant_policy=quant_policy, **shape)
+    _prefill(MIXED, window=24, dtype=torch.float32, quant_policy=quant_policy, **shape)
 
 
-def test_int8_cache_mixed_step() -> None:
+@QUANTIZED
+def test_quantized_cache_mixed_step(quant_policy: int) -> None:
     b = paged_batch(DECODES_THEN_CHUNKS, num_heads=8, num_kv_heads=2, head_dim=64,
-                    block_size=16, dtype=torch.float32, quant_policy=8)  # fmt: skip
+                    block_size=16, dtype=torch.float32, quant_policy=quant_policy)  # fmt: skip
     out = paged_attention_triton(
         b.q, b.k_cache, b.v_cache, b.meta, 0.1, kv_scales=b.kv_scales, out=nan_like(b.q)
     )
