@@ -14,8 +14,8 @@ from app.kernels.prefill_attention import paged_prefill_attention
 
 # One layer's cache: (k, v) `[N, block_size, kvh, hd]`, then (k_scale, v_scale) `[N, block_size,
 # kvh]` float32 when k and v hold int8 (LMDeploy's quant_policy=8). With quant_policy=4, k and v
-# are uint8 `[N, block_size, kvh, hd / 2]`, byte i holding dimension 2i in its low nibble and
-# 2i + 1 in its high one, and the scales `[N, block_size, kvh, 2]`: (scale, zero point).
+# are uint8 `[N, block_size, kvh, hd / 2]`, byte i holding dimension i in its low nibble and
+# i + hd / 2 in its high one, and the scales `[N, block_size, kvh, 2]`: (scale, zero point).
 KVCache = tuple[torch.Tensor, ...]
 KVScales = tuple[torch.Tensor, torch.Tensor]
 
@@ -80,15 +80,15 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_kv_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit `[..., hd]` (LMDeploy's quant_policy=4): each row's values mapped onto
-    0..15 between its minimum (the zero point) and maximum, rounded half up, two to a byte.
-    Returns (uint8 `[..., hd / 2]`, float32 `[..., 2]` (scale, zero point)); the Triton cache
-    write computes the same values."""
+    0..15 between its minimum (the zero point) and maximum, rounded half up, two to a byte
+    (dimensions i and i + hd / 2 in byte i). Returns (uint8 `[..., hd / 2]`, float32 `[..., 2]`
+    (scale, zero point)); the Triton cache write computes the same values."""
     x = x.float()
     low = x.amin(-1)
     span = (x.amax(-1) - low).clamp_min(1e-6)
     values = torch.floor((x - low[..., None]) * (15.0 / span)[..., None] + 0.5).clamp_(0, 15)
-    values = values.to(torch.uint8)
-    packed = values[..., 0::2] | (values[..., 1::2] << 4)
+    first, second = values.to(torch.uint8).chunk(2, dim=-1)
+    packed = first | (second << 4)
     return packed, torch.stack((span / 15.0, low), -1)
 
 
@@ -96,7 +96,7 @@ def dequantize_kv(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """float32 keys or values from a quantized cache's rows and their scales (`[..., 2]` scale
     and zero point for int4, `[...]` for int8)."""
     if values.dtype == torch.uint8:
-        unpacked = torch.stack((values & 15, values >> 4), -1).flatten(-2).float()
+        unpacked = torch.cat((values & 15, values >> 4), -1).float()
         return unpacked * scales[..., :1] + scales[..., 1:]
     return values.float() * scales[..., None]
 

@@ -22,8 +22,10 @@ from app.kernels.paged_tile import (
     attend_tile,
     check_head_dim,
     dot_precision,
+    load_queries,
     quant_bits,
     scale_args,
+    store_rows,
 )
 
 MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
@@ -106,10 +108,8 @@ def _decode_split_kernel(
     rows = tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + rows
     row_ok = rows < GROUP  # tl.dot needs >= 16 rows; the padding rows are never stored
-    d = tl.arange(0, HEAD_DIM)
-    q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q_sum = tl.sum(q.to(tl.float32), 1)  # for an int4 cache's zero points (else unused)
+    q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
+    q, q2, q_sum, acc, acc2 = load_queries(q_rows, row_ok, HEAD_DIM, QUANT)
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -119,31 +119,32 @@ def _decode_split_kernel(
     vs_base = vs_ptr + kv_head * stride_sh
     row_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for n0 in range(start, full_end, BLOCK_N):
-        acc, row_max, row_sum = attend_tile(
-            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, n0, end, q_pos, window,
-            scale_log2,
+        acc, acc2, row_max, row_sum = attend_tile(
+            q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, n0, end,
+            q_pos, window, scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
         )  # fmt: skip
     if full_end < end:
-        acc, row_max, row_sum = attend_tile(
-            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, full_end, end, q_pos,
-            window, scale_log2,
+        acc, acc2, row_max, row_sum = attend_tile(
+            q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, full_end, end,
+            q_pos, window, scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
         )  # fmt: skip
 
     # An empty split (short context, many splits) has row_sum 0 and gets weight 0 below.
     has_keys = row_sum > 0
-    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    denom = tl.where(has_keys, row_sum, 1.0)
     if SINGLE_SPLIT:
-        o_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        o_rows = out_ptr + seq * stride_ot + heads[:, None] * stride_oh
+        store_rows(o_rows, acc, acc2, denom, row_ok, HEAD_DIM, QUANT)
     else:
         part = (seq * NUM_HEADS + heads).to(tl.int64) * num_splits + split
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+        store_rows(
+            part_out_ptr + part[:, None] * HEAD_DIM, acc, acc2, denom, row_ok, HEAD_DIM, QUANT
+        )
         log_sum = tl.log2(tl.where(has_keys, row_sum, 1.0))
         lse = tl.where(has_keys, row_max + log_sum, float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
@@ -189,7 +190,9 @@ def decode_tiles(row_bytes: int, quant: int = 0) -> tuple[int, int, int]:
     32 for wider ones, twice as many from an int8 or int4 cache (`quant` 8 or 4), whose tiles are
     a half or a quarter of the bytes (int8: 1.2-1.3x faster on an H100 at batch 64-512); 4 warps,
     2 load stages. Swept on an H200 (`bench/kernels.py --only decode-sweep`), bf16 tiles ran
-    0.4-2.5% faster with 2 stages than with Triton's 3."""
+    0.4-2.5% faster with 2 stages than with Triton's 3; int4 tiles of 256 keys 4-7% faster at
+    batch 16 x 2,048 and 256 x 4,096 but slower at 512 x 384, short contexts at full batch being
+    what the engine's decode steps mostly are."""
     keys = (64 if row_bytes <= 256 else 32) * (2 if quant else 1)
     return keys, 4, 2
 

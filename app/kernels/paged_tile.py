@@ -46,10 +46,47 @@ def scale_args(
 
 
 @triton.jit
+def load_queries(rows_ptr, row_ok, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr):
+    """(q, q2, q_sum, acc, acc2) for `attend_tile` from query rows (`rows_ptr` `[M, 1]` points
+    at each row's first value): whole rows and an empty accumulator, or for an int4 cache
+    (QUANT 4) both halves of each and the rows' float32 sums."""
+    if QUANT == 4:
+        d = tl.arange(0, HEAD_DIM // 2)
+        q = tl.load(rows_ptr + d[None, :], mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(rows_ptr + HEAD_DIM // 2 + d[None, :], mask=row_ok[:, None], other=0.0)
+        q_sum = tl.sum(q.to(tl.float32), 1) + tl.sum(q2.to(tl.float32), 1)
+        acc2 = tl.zeros(q.shape, dtype=tl.float32)
+    else:
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(rows_ptr + d[None, :], mask=row_ok[:, None], other=0.0)
+        q2 = q
+        q_sum = 0.0
+        acc2 = 0.0
+    return q, q2, q_sum, tl.zeros(q.shape, dtype=tl.float32), acc2
+
+
+@triton.jit
+def store_rows(rows_ptr, acc, acc2, denom, row_ok, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr):
+    """Store `acc` (and for an int4 cache `acc2`, the second half) over `denom` per row at
+    `rows_ptr` `[M, 1]`, in the pointers' dtype."""
+    dtype = rows_ptr.dtype.element_ty
+    if QUANT == 4:
+        d = tl.arange(0, HEAD_DIM // 2)
+        tl.store(rows_ptr + d[None, :], (acc / denom[:, None]).to(dtype), mask=row_ok[:, None])
+        out2 = (acc2 / denom[:, None]).to(dtype)
+        tl.store(rows_ptr + HEAD_DIM // 2 + d[None, :], out2, mask=row_ok[:, None])
+    else:
+        d = tl.arange(0, HEAD_DIM)
+        tl.store(rows_ptr + d[None, :], (acc / denom[:, None]).to(dtype), mask=row_ok[:, None])
+
+
+@triton.jit
 def attend_tile(
     q,
+    q2,
     q_sum,
     acc,
+    acc2,
     row_max,
     row_sum,
     k_base,
@@ -75,19 +112,25 @@ def attend_tile(
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
 ):
-    """Fold keys n0 .. n0+BLOCK_N-1 into (acc, row_max, row_sum) and return the new triple;
-    `k_base`/`v_base` already point at the kv head, `table_row` at the sequence's block table.
+    """Fold keys n0 .. n0+BLOCK_N-1 into (acc, acc2, row_max, row_sum) and return the new
+    four; `k_base`/`v_base` already point at the kv head, `table_row` at the sequence's block
+    table.
 
     Scores live in log2 units (scale_log2 = scale * log2 e) so exp2 replaces exp. Unmasked tiles
     must lie wholly below `k_end` and be visible to every query row. Masked tiles also hide keys
     at or past `k_end`, after a row's position, or (window > 0) older than its window. With
-    QUANT (8 or 4) the cache holds int8 or packed int4 and `ks_base`/`vs_base` point at the kv
-    head's float32 scales: keys are scaled back in the scores and values in the probabilities,
-    so neither tile is multiplied out. An int4 key's zero point adds zero * sum(q) (`q_sum`,
-    float32 per row) to its scores, a value's adds sum(p * zero) to the output.
+    QUANT (8 or 4) the cache holds int8 or int4 and `ks_base`/`vs_base` point at the kv head's
+    float32 scales: keys are scaled back in the scores and values in the probabilities, so
+    neither tile is multiplied out.
+
+    An int4 cache's byte i holds dimension i in its low nibble and i + HEAD_DIM / 2 in its high
+    one, so its rows are used as two halves, never interleaved: `q`/`acc` are the first half of
+    the queries and the output, `q2`/`acc2` the second. A key's zero point adds zero * sum(q)
+    (`q_sum`, float32 per row) to its scores, a value's adds sum(p * zero) to the output.
+    Otherwise `q`/`acc` are whole and `q2`/`acc2` unused.
     """
     pos = n0 + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM // 2) if QUANT == 4 else tl.arange(0, HEAD_DIM)  # int4: 2 a byte
+    d = tl.arange(0, HEAD_DIM // 2) if QUANT == 4 else tl.arange(0, HEAD_DIM)
     in_range = pos < k_end
     table_ptrs = table_row + pos // BLOCK_SIZE
     page = tl.load(table_ptrs, mask=in_range, other=0) if MASKED else tl.load(table_ptrs)
@@ -105,18 +148,20 @@ def attend_tile(
         else:
             k_scale = tl.load(ks_base + where)
             v_scale = tl.load(vs_base + where)
-        if QUANT == 4:
-            if MASKED:
-                k_zero = tl.load(ks_base + where + 1, mask=in_range, other=0.0)
-                v_zero = tl.load(vs_base + where + 1, mask=in_range, other=0.0)
-            else:
-                k_zero = tl.load(ks_base + where + 1)
-                v_zero = tl.load(vs_base + where + 1)
-            k = tl.interleave(k & 15, k >> 4)
-        k = k.to(q.dtype)  # int8 and int4 values are exact in every float type
+    if QUANT == 4:
+        if MASKED:
+            k_zero = tl.load(ks_base + where + 1, mask=in_range, other=0.0)
+            v_zero = tl.load(vs_base + where + 1, mask=in_range, other=0.0)
+        else:
+            k_zero = tl.load(ks_base + where + 1)
+            v_zero = tl.load(vs_base + where + 1)
+        # Nibbles are exact in every float type.
+        s = tl.dot(q, tl.trans((k & 15).to(q.dtype)), input_precision=DOT_PRECISION)
+        s = tl.dot(q2, tl.trans((k >> 4).to(q.dtype)), s, input_precision=DOT_PRECISION)
+        s = s * (k_scale * scale_log2)[None, :] + q_sum[:, None] * (k_zero * scale_log2)[None, :]
+    elif QUANT:
+        k = k.to(q.dtype)  # int8 values are exact in every float type
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
-        if QUANT == 4:
-            s += q_sum[:, None] * (k_zero * scale_log2)[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
@@ -131,15 +176,17 @@ def attend_tile(
     alpha = tl.exp2(row_max - shift)
     row_sum = row_sum * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
-    if QUANT:
-        if QUANT == 4:
-            v = tl.interleave(v & 15, v >> 4)
-        pv = tl.dot(
-            (p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION
-        )
-        if QUANT == 4:
-            pv += tl.sum(p * v_zero[None, :], 1)[:, None]
+    if QUANT == 4:
+        scaled = (p * v_scale[None, :]).to(q.dtype)
+        shifted = tl.sum(p * v_zero[None, :], 1)[:, None]
+        pv = tl.dot(scaled, (v & 15).to(q.dtype), input_precision=DOT_PRECISION)
+        pv2 = tl.dot(scaled, (v >> 4).to(q.dtype), input_precision=DOT_PRECISION)
+        acc2 = acc2 * alpha[:, None] + pv2 + shifted
+        pv += shifted
+    elif QUANT:
+        p = p * v_scale[None, :]
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     else:
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv
-    return acc, new_max, row_sum
+    return acc, acc2, new_max, row_sum

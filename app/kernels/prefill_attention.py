@@ -19,8 +19,10 @@ from app.kernels.paged_tile import (
     attend_tile,
     check_head_dim,
     dot_precision,
+    load_queries,
     quant_bits,
     scale_args,
+    store_rows,
 )
 
 
@@ -97,11 +99,9 @@ def _prefill_kernel(
     member = rows % GROUP_PAD
     row_ok = (tok < q_len) & (member < GROUP)
     heads = kv_head * GROUP + member
-    d = tl.arange(0, HEAD_DIM)
     token = (q_start + tok).to(tl.int64)
-    q_ptrs = q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q_sum = tl.sum(q.to(tl.float32), 1)  # for an int4 cache's zero points (else unused)
+    q_rows = q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh
+    q, q2, q_sum, acc, acc2 = load_queries(q_rows, row_ok, HEAD_DIM, QUANT)
     q_pos = cached + tok
 
     # Keys past the tile's last query are invisible to all its rows.
@@ -118,26 +118,24 @@ def _prefill_kernel(
     vs_base = vs_ptr + kv_head * stride_sh
     row_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     for n0 in range(k_lo, full_end, BLOCK_N):
-        acc, row_max, row_sum = attend_tile(
-            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
-            scale_log2,
+        acc, acc2, row_max, row_sum = attend_tile(
+            q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, n0, k_end,
+            q_pos, window, scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
         )  # fmt: skip
     for n0 in range(full_end, k_end, BLOCK_N):
-        acc, row_max, row_sum = attend_tile(
-            q, q_sum, acc, row_max, row_sum, k_base, v_base, table_row, n0, k_end, q_pos, window,
-            scale_log2,
+        acc, acc2, row_max, row_sum = attend_tile(
+            q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, n0, k_end,
+            q_pos, window, scale_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
         )  # fmt: skip
 
     # Every stored row saw at least its own key, so row_sum > 0 there.
-    out = acc / tl.where(row_ok, row_sum, 1.0)[:, None]
-    o_ptrs = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    o_rows = out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh
+    store_rows(o_rows, acc, acc2, tl.where(row_ok, row_sum, 1.0), row_ok, HEAD_DIM, QUANT)
 
 
 def prefill_tiles(

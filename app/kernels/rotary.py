@@ -150,26 +150,24 @@ def _rotary_cache_kernel(
         tl.store(ks_ptr + where_s + h * stride_sh, k_max / 127.0, mask=head_ok)
         tl.store(vs_ptr + where_s + h * stride_sh, v_max / 127.0, mask=head_ok)
     if QUANT == 4:
-        # Byte i of a row holds dimensions 2i and 2i + 1: the first half's bytes, then the
-        # second's, each packed from its own rotated half.
+        # Byte i of a row holds dimension i in its low nibble and i + HALF in its high one.
         k_low = tl.minimum(tl.min(k1, 1), tl.min(k2, 1))
         k_span = tl.maximum(tl.maximum(tl.max(k1, 1), tl.max(k2, 1)) - k_low, 1e-6)
         v_low = tl.min(v, 1)
         v_span = tl.maximum(tl.max(v, 1) - v_low, 1e-6)
         k_inv = (15.0 / k_span)[:, None]
-        k1 = _pack_int4(_nibbles(k1, k_low, k_inv), KV_HEADS_PAD, HALF)
-        k2 = _pack_int4(_nibbles(k2, k_low, k_inv), KV_HEADS_PAD, HALF)
-        v = _pack_int4(_nibbles(v, v_low, (15.0 / v_span)[:, None]), KV_HEADS_PAD, 2 * HALF)
+        k_packed = _nibbles(k1, k_low, k_inv) | (_nibbles(k2, k_low, k_inv) << 4)
+        v_inv = (15.0 / v_span)[:, None]
+        v_rows = v_ptr + t * stride_vt + h[:, None] * stride_vh + i[None, :]
+        v1 = tl.load(v_rows, mask=ok).to(tl.float32)  # the halves of the v loaded above
+        v2 = tl.load(v_rows + HALF, mask=ok).to(tl.float32)
+        v_packed = _nibbles(v1, v_low, v_inv) | (_nibbles(v2, v_low, v_inv) << 4)
         tl.store(ks_ptr + where_s + h * stride_sh, k_span / 15.0, mask=head_ok)
         tl.store(ks_ptr + where_s + h * stride_sh + 1, k_low, mask=head_ok)
         tl.store(vs_ptr + where_s + h * stride_sh, v_span / 15.0, mask=head_ok)
         tl.store(vs_ptr + where_s + h * stride_sh + 1, v_low, mask=head_ok)
-        i = tl.arange(0, HALF // 2)
-        kc = k_cache_ptr + where + h[:, None] * stride_kch + i[None, :]
-        tl.store(kc, k1, mask=ok)
-        tl.store(kc + HALF // 2, k2, mask=ok)
-        vc = v_cache_ptr + where_v + h[:, None] * stride_vch + tl.arange(0, HALF)[None, :]
-        tl.store(vc, v, mask=ok)
+        tl.store(kc, k_packed, mask=ok)
+        tl.store(v_cache_ptr + where_v + h[:, None] * stride_vch + i[None, :], v_packed, mask=ok)
     else:
         tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=ok)
         tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=ok)
@@ -180,13 +178,6 @@ def _rotary_cache_kernel(
 def _nibbles(x, low, inv):
     """`x` `[heads, n]` (float32) on the 0..15 grid from each row's `low`, rounded half up."""
     return tl.clamp(tl.floor((x - low[:, None]) * inv + 0.5), 0.0, 15.0).to(tl.uint8)
-
-
-@triton.jit
-def _pack_int4(x, ROWS: tl.constexpr, N: tl.constexpr):
-    """`[ROWS, N]` values 0..15 two to a byte: element 2i in the low nibble of byte i."""
-    even, odd = tl.split(tl.reshape(x, (ROWS, N // 2, 2)))
-    return even | (odd << 4)
 
 
 def rotary_and_cache_triton(
