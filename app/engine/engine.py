@@ -29,7 +29,7 @@ from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.handoff import InFlight, submit, wait_launched
 from app.engine.heap import freeze_startup_heap, release_startup_heap
 from app.engine.outputs import RequestOutput, RequestState, SampleState, TokenLogprob
-from app.engine.scheduler import Scheduler, SequenceUpdate
+from app.engine.scheduler import Scheduler, SchedulerOutput, SequenceUpdate
 from app.engine.sequence import FinishReason, Sequence
 from app.engine.sessions import SessionBusyError, SessionManager
 from app.engine.trace import StepTrace
@@ -386,24 +386,24 @@ class AsyncEngine:
                 if ahead is not None and self._block_for_launch:
                     await wait_launched(ahead, True)  # the GPU thread starts it now: launch first
             except Exception as exc:
-                ids = sorted({item.seq.request_id for item in current.out.scheduled})
-                log.exception("engine step failed", extra={"request_ids": ids})
-                self._queued = None
-                if ahead is not None:  # its sequences fail with the rest
-                    with contextlib.suppress(Exception):
-                        await ahead.running
-                    ahead = None
-                self.last_error = f"engine step failed: {type(exc).__name__}"
-                self._fail(self.scheduler.fail_all(self.last_error))
-                self.block_manager.reset_prefix_cache()
+                await self._fail_in_flight("engine step failed", exc, current.out, ahead)
+                ahead = None
                 continue
             self.last_error = None
             self.last_progress = time.monotonic()
             if marks is not None:
                 marks["update_start"] = time.perf_counter()
-            pending = self.scheduler.update(current.out, step)
-            for update in pending:  # before the next step's grammar masks are filled
-                accept_token(self.scheduler, update.seq, update.token_id)
+            try:
+                if step.errors:  # a request's own logits processor failed: that request ends
+                    self._fail_sampled(current.out, step.errors)
+                pending = self.scheduler.update(current.out, step)
+                for update in pending:  # before the next step's grammar masks are filled
+                    accept_token(self.scheduler, update.seq, update.token_id)
+            except Exception as exc:  # a bug in the engine's own bookkeeping: serve on
+                pending = []
+                await self._fail_in_flight("engine update failed", exc, current.out, ahead)
+                ahead = None
+                continue
             if self._trace is not None and marks is not None:
                 waiting = len(self.scheduler.waiting)
                 self._trace.step(current.out, marks, current.timing, waiting, len(self._requests))
@@ -456,6 +456,34 @@ class AsyncEngine:
             state = self._requests.get(seq.request_id)
             if state is not None:
                 state.emit(state.samples[seq.index], "", [], None)
+
+    async def _fail_in_flight(
+        self, what: str, exc: Exception, out: SchedulerOutput, ahead: Any | None
+    ) -> None:
+        """After a step (or its bookkeeping) failed: fail every unfinished request, those of a
+        step scheduled ahead included once it ends, and start again from an empty prefix
+        cache; the engine loop serves on."""
+        ids = sorted({item.seq.request_id for item in out.scheduled})
+        log.exception(what, extra={"request_ids": ids})
+        self._queued = None
+        if ahead is not None:  # its sequences fail with the rest
+            with contextlib.suppress(Exception):
+                await ahead.running
+        self.last_error = f"{what}: {type(exc).__name__}"
+        self._fail(self.scheduler.fail_all(self.last_error))
+        self.block_manager.reset_prefix_cache()
+
+    def _fail_sampled(self, out: SchedulerOutput, errors: dict[int, str]) -> None:
+        """End the sequences whose sampling failed; their neighbours' tokens stand. The update
+        that follows skips them, as it skips sequences aborted while the step ran."""
+        failed = [
+            item.seq
+            for item in out.scheduled
+            if item.seq.seq_id in errors and not item.seq.is_finished
+        ]
+        for seq in failed:
+            self.scheduler.finish(seq, FinishReason.ERROR, errors[seq.seq_id])
+        self._fail(failed)
 
     def _fail_unschedulable(self) -> None:
         """Nothing fits although nothing runs: the head request can never get its blocks."""

@@ -276,6 +276,9 @@ class ModelRunner:
             step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
             step.top_logprobs = sampled.top_logprobs
             self._last_tokens = sampled.device_ids
+            if sampled.errors:
+                sampling = [item.seq for item in out.scheduled if item.sample]
+                step.errors = {sampling[i].seq_id: error for i, error in sampled.errors.items()}
         for taken in kept:
             step.rows[taken.seq.seq_id] = taken.read(all_logits, hidden)
         if timing is not None:

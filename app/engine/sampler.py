@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,8 @@ class SamplerOutput:
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
     device_ids: torch.Tensor | None = None  # token_ids, still on the device
+    # Row -> why its logits processor failed: that row's token means nothing, the others stand.
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler:
@@ -52,21 +54,27 @@ class Sampler:
     ) -> SamplerOutput:
         """`logits` in any float dtype: what is transformed is widened to float32 first, and a
         greedy row's argmax is the same in both (the widening is exact)."""
-        processed = self._process(logits, rows, allowed)
+        errors: dict[int, str] = {}
+        processed = self._process(logits, rows, allowed, errors)
         token_ids = processed.argmax(dim=-1)
         sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled_rows:
             index = torch.tensor(sampled_rows, device=logits.device)
             token_ids[index] = _sample(processed[index].float(), [rows[i] for i in sampled_rows])
         output = _output(logits, token_ids, rows)
-        output.device_ids = token_ids
+        output.device_ids, output.errors = token_ids, errors
         return output
 
     def _process(
-        self, logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        allowed: torch.Tensor | None,
+        errors: dict[int, str],
     ) -> torch.Tensor:
-        """Bias, bans, penalties and the grammar mask, in float32; `logits` itself comes back if
-        none apply."""
+        """Bias, bans, penalties, logits processors and the grammar mask, in float32; `logits`
+        itself comes back if none apply. A processor that raises or returns the wrong shape
+        leaves its row's scores as they were and its reason in `errors`."""
         vocab = logits.shape[1]
         bias = [
             (i, tok, value)
@@ -108,12 +116,16 @@ class Sampler:
         for i in custom:  # the user's code, a row at a time
             row = rows[i]
             ids = torch.tensor([*row.prompt_ids, *row.output_ids], dtype=torch.int64, device=device)
-            for fn in row.params.logits_processors:
-                scores = fn(ids, out[i])
-                if not isinstance(scores, torch.Tensor) or scores.shape != out[i].shape:
-                    got = _describe(scores)
-                    raise ValueError(f"a logits processor returned {got}, not [{vocab}] scores")
-                out[i] = scores
+            try:
+                for fn in row.params.logits_processors:
+                    scores = fn(ids, out[i])
+                    if not isinstance(scores, torch.Tensor) or scores.shape != out[i].shape:
+                        got = _describe(scores)
+                        errors[i] = f"a logits processor returned {got}, not [{vocab}] scores"
+                        break
+                    out[i] = scores
+            except Exception as exc:  # the user's bug fails its own request only
+                errors[i] = f"a logits processor raised {type(exc).__name__}: {exc}"
         if allowed is not None:
             out.masked_fill_(~allowed, _NEG_INF)
 

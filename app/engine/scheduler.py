@@ -77,6 +77,7 @@ class StepOutput:
     # seq_id -> (first position, logits, hidden states): rows kept for output_logits and
     # output_last_hidden_state, float32 on the host.
     rows: dict[int, tuple[int, Any, Any]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # seq_id -> why its sampling failed
 
 
 @dataclass(slots=True)

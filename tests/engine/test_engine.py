@@ -126,8 +126,15 @@ def test_pipeline_logits_processors(tiny_model_dir: Path) -> None:
         assert pipe([40], gen_config=sampled).token_ids == [41, 42, 43]
         with pytest.raises(ValueError, match="logits_processors must be callables"):
             pipe([1], gen_config=GenerationConfig(logits_processors=["nope"]))
-        with pytest.raises(RuntimeError, match="generation failed"):
-            pipe([1, 2], gen_config=GenerationConfig(max_new_tokens=2, logits_processors=[broken]))
+        failing = GenerationConfig(max_new_tokens=2, logits_processors=[broken])
+        with pytest.raises(RuntimeError, match="raised RuntimeError: a bug in the user's"):
+            pipe([1, 2], gen_config=failing)
+        # Only its own request fails: the neighbours in its steps finish as they would alone.
+        deltas = list(pipe.stream_infer([[300], [1, 2], [7, 8, 9]], [plain, failing, config]))
+        last = {d.index: d for d in deltas}
+        assert last[1].finish_reason == "error"
+        tokens = {i: [t for d in deltas if d.index == i for t in d.token_ids] for i in (0, 2)}
+        assert tokens == {0: outs[1].token_ids, 2: outs[2].token_ids}
         assert pipe([300], gen_config=plain).token_ids == outs[1].token_ids  # serving on
 
 
@@ -269,6 +276,39 @@ def test_forward_exception_fails_inflight_and_engine_recovers(
             assert outputs[-1].finish_reason == "error"
             assert "injected" not in (outputs[-1].error or "")  # no internals leak
         assert engine.last_error is not None
+        assert idle(engine) and engine.block_manager.usage == 0.0
+        ok = await collect(
+            engine, [100, 101, 102], SamplingParams(max_new_tokens=3, temperature=0.0)
+        )
+        assert ok[-1].finish_reason in ("stop", "length")
+        assert engine.last_error is None
+
+    run(engine, body)
+
+
+def test_update_exception_fails_inflight_and_engine_recovers(
+    engine: AsyncEngine, monkeypatch
+) -> None:
+    """A bug in the bookkeeping after a step (here the scheduler's update) must not end the
+    engine loop: the requests in flight fail, the next one is served."""
+    original = engine.scheduler.update
+    calls = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected update failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine.scheduler, "update", flaky)
+
+    async def body() -> None:
+        results = await asyncio.gather(
+            *(collect(engine, list(range(100 + i, 130)), LONG) for i in range(3))
+        )
+        for outputs in results:
+            assert outputs[-1].finish_reason == "error"
+        assert engine.last_error == "engine update failed: RuntimeError"
         assert idle(engine) and engine.block_manager.usage == 0.0
         ok = await collect(
             engine, [100, 101, 102], SamplingParams(max_new_tokens=3, temperature=0.0)

@@ -99,7 +99,7 @@ def test_processors_match_per_row_reference() -> None:
             rows.append(make_row(random_params(rng, vocab), prompt, output))
         logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(trial)) * 3
         allowed = torch.rand(n, vocab) < 0.8 if trial % 2 else None
-        got = Sampler()._process(logits, rows, allowed)
+        got = Sampler()._process(logits, rows, allowed, {})
         for i, row in enumerate(rows):
             want = reference_process(logits[i], row, None if allowed is None else allowed[i])
             if torch.isneginf(want).all():
@@ -271,10 +271,24 @@ def test_logits_processors_see_the_ids_and_the_penalized_scores() -> None:
     torch.testing.assert_close(seen[0][1], expected)
 
 
-def test_a_logits_processor_returning_the_wrong_shape_is_named() -> None:
-    params = SamplingParams(logits_processors=(lambda ids, scores: scores[:3],))
-    with pytest.raises(ValueError, match=r"returned a tensor of shape \[3\], not \[10\] scores"):
-        Sampler()(torch.randn(1, 10), [make_row(params, prompt=(1,))])
+def test_a_failing_logits_processor_fails_its_row_only() -> None:
+    """A wrong shape is named, an exception's type and message kept; the other rows sample."""
+
+    def broken(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        raise KeyError("oops")
+
+    rows = [
+        make_row(SamplingParams(logits_processors=(lambda ids, scores: scores[:3],)), prompt=(1,)),
+        make_row(SamplingParams(temperature=0.0), prompt=(1,)),
+        make_row(SamplingParams(logits_processors=(broken,)), prompt=(1,)),
+    ]
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
+    out = Sampler()(logits, rows)
+    assert out.errors == {
+        0: "a logits processor returned a tensor of shape [3], not [10] scores",
+        2: "a logits processor raised KeyError: 'oops'",
+    }
+    assert out.token_ids[1] == int(logits[1].argmax())
 
 
 def test_distribution_matches_softmax_over_temperature() -> None:
