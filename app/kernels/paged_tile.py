@@ -81,6 +81,23 @@ def store_rows(rows_ptr, acc, acc2, denom, row_ok, HEAD_DIM: tl.constexpr, QUANT
 
 
 @triton.jit
+def _nibbles_as(x, dtype: tl.constexpr):
+    """(offset + x in `dtype`, offset) for uint8 `x` in 0..15. A half type gets its value by
+    setting the low mantissa bits under an exponent worth `offset` (128 for bfloat16, 1024 for
+    float16): a bit operation instead of two conversions; float32 converts (offset 0)."""
+    if dtype == tl.bfloat16:
+        values = (x.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        offset = 128.0
+    elif dtype == tl.float16:
+        values = (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        offset = 1024.0
+    else:
+        values = x.to(dtype)
+        offset = 0.0
+    return values, offset
+
+
+@triton.jit
 def attend_tile(
     q,
     q2,
@@ -155,10 +172,12 @@ def attend_tile(
         else:
             k_zero = tl.load(ks_base + where + 1)
             v_zero = tl.load(vs_base + where + 1)
-        # Nibbles are exact in every float type.
-        s = tl.dot(q, tl.trans((k & 15).to(q.dtype)), input_precision=DOT_PRECISION)
-        s = tl.dot(q2, tl.trans((k >> 4).to(q.dtype)), s, input_precision=DOT_PRECISION)
-        s = s * (k_scale * scale_log2)[None, :] + q_sum[:, None] * (k_zero * scale_log2)[None, :]
+        low, offset = _nibbles_as(k & 15, q.dtype)
+        high, _ = _nibbles_as(k >> 4, q.dtype)
+        s = tl.dot(q, tl.trans(low), input_precision=DOT_PRECISION)
+        s = tl.dot(q2, tl.trans(high), s, input_precision=DOT_PRECISION)
+        k_zero = (k_zero - offset * k_scale) * scale_log2  # the offset's share of the scores too
+        s = s * (k_scale * scale_log2)[None, :] + q_sum[:, None] * k_zero[None, :]
     elif QUANT:
         k = k.to(q.dtype)  # int8 values are exact in every float type
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
@@ -178,9 +197,12 @@ def attend_tile(
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
     if QUANT == 4:
         scaled = (p * v_scale[None, :]).to(q.dtype)
-        shifted = tl.sum(p * v_zero[None, :], 1)[:, None]
-        pv = tl.dot(scaled, (v & 15).to(q.dtype), input_precision=DOT_PRECISION)
-        pv2 = tl.dot(scaled, (v >> 4).to(q.dtype), input_precision=DOT_PRECISION)
+        low, offset = _nibbles_as(v & 15, q.dtype)
+        high, _ = _nibbles_as(v >> 4, q.dtype)
+        # The zero points' share, less the offset's (which meets the same rounded weights).
+        shifted = tl.sum(p * v_zero[None, :] - offset * scaled.to(tl.float32), 1)[:, None]
+        pv = tl.dot(scaled, low, input_precision=DOT_PRECISION)
+        pv2 = tl.dot(scaled, high, input_precision=DOT_PRECISION)
         acc2 = acc2 * alpha[:, None] + pv2 + shifted
         pv += shifted
     elif QUANT:
