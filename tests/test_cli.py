@@ -38,7 +38,7 @@ def test_env_reports_versions() -> None:
         (["serve", "/no/such/model"], "does not exist"),
         (["serve", "--block-size", "48"], "power of two"),
         (["chat", "--dtype", "int3"], "invalid choice"),
-        (["serve", "--quant-policy", "4"], "invalid choice: 4"),
+        (["serve", "--quant-policy", "2"], "invalid choice: 2"),
         (["serve", "--backend", "turbomind"], "invalid choice: 'turbomind'"),
     ],
 )
