@@ -119,8 +119,8 @@ case "${1:-quick}" in
         --workload $workload --profile --json "$out/profile-$workload.json" 2>&1 \
         | grep -v -i "warn\|loading" | tail -30
     done
-    python bench/kernels.py --only gemv-sweep,gemm 2>&1 | grep -v "^kernel\|^$" | tail -40
-    python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$" | tail -40
+    python bench/kernels.py --only gemv-sweep,gemm 2>&1 | grep -v "^kernel\|^$\|^  timed " | tail -40
+    python bench/kernels.py --only decode-sweep 2>&1 | grep -v "^kernel\|^$\|^  timed " | tail -40
     ;;
   batch1)
     for shape in llama-3.2-1b llama-3.1-8b; do
@@ -133,7 +133,8 @@ case "${1:-quick}" in
     ;;
   sweeps)
     python bench/kernels.py --shapes "${SHAPES:-llama-3.1-8b}" \
-      --only decode-ragged,prefill-sweep 2>&1 | grep -v "^kernel\|^$\|compiled" | tail -120
+      --only decode-ragged,prefill-sweep 2>&1 | grep -v "^kernel\|^$\|compiled\|^  timed " \
+      | tail -120
     ;;
   ab)
     here=$(pwd) trees=() names=()

@@ -9,6 +9,7 @@
     python bench/kernels.py --only decode-ragged         # its split counts and program order
     python bench/kernels.py --only decode-ragged --ragged 1:384:384  # split counts, a case
     python bench/kernels.py --only prefill-sweep         # prefill attention's launch settings
+    python bench/kernels.py --only prefill-sweep --kv 4 --sweep-cases "prompt 8192"  # int4, a case
     python bench/kernels.py --only gemm                  # cuBLAS TFLOP/s at the linear shapes
     python bench/kernels.py --only gemm --gemm-rows 256,264,272  # ... at these token counts
     python bench/kernels.py --only overlap               # GEMMs beside decode attention
@@ -227,6 +228,8 @@ DECODE_GRID = list(itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 3)))
 # The prefill-attention launch settings `--only prefill-sweep` tries: (query rows per tile, keys
 # per tile, warps, stages); a tile's rows are its tokens times the GQA group.
 PREFILL_GRID = list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)))
+# A quantized cache's tiles are widened in registers: one load stage (no pipelining) too.
+PREFILL_QUANT_GRID = list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)))
 
 # The GEMV launch settings `--only gemv-sweep` tries: (rows per program, columns per load, warps,
 # stages), tiles of at most 16k elements.
@@ -255,6 +258,13 @@ def compiled_resources(fn: triton.JITFunction) -> set[str]:
             warps = kernel.metadata.num_warps
             found.add(f"compiled: {warps} warps, {regs} registers/thread, {shared} B shared")
     return found
+
+
+def timed_setting(timed: list[tuple[float, tuple]], ms: float, setting: tuple) -> None:
+    """Keep one sweep timing, and print it at once: a call cut short still shows what it
+    timed (the summary comes at the end)."""
+    timed.append((ms, setting))
+    print(f"  timed {setting}: {ms * 1e3:.1f} us", flush=True)
 
 
 def kv_label(quant_policy: int) -> str:
@@ -382,7 +392,7 @@ class Bench:
             if not ok:
                 print(f"  {setting}: wrong (rel err {rel:.2e})")
                 continue
-            timed.append((graph_time(lambda setting=setting: run(setting)), setting))
+            timed_setting(timed, graph_time(lambda setting=setting: run(setting)), setting)
         self.print_sweep(f"decode sweep {case}", "decode_tiles", chosen, timed, work)
 
     def decode_ragged(self, batch_size: int, shortest: int, longest: int) -> None:
@@ -472,7 +482,7 @@ class Bench:
         ref_out = run_ref()  # `ref`, which no setting's run writes
         group = triton.next_power_of_2(s.num_heads // s.num_kv_heads)
         timed = []
-        for rows_per_tile, *launch in PREFILL_GRID:
+        for rows_per_tile, *launch in PREFILL_QUANT_GRID if quant_policy else PREFILL_GRID:
             setting = (max(1, rows_per_tile // group), *launch)
 
             def run_setting(setting: tuple[int, ...] = setting) -> list[torch.Tensor]:
@@ -487,9 +497,9 @@ class Bench:
             if not ok:
                 print(f"  {setting}: wrong (rel err {rel:.2e})")
                 continue
-            timed.append((bench_time(run_setting), setting))
+            timed_setting(timed, bench_time(run_setting), setting)
         block_q, _, block_n, warps, stages = prefill_tiles(
-            s.head_dim, s.num_heads // s.num_kv_heads, q.element_size(), False
+            s.head_dim, s.num_heads // s.num_kv_heads, q.element_size(), quant_policy
         )
         rule = "prefill_tiles (query tokens, keys, warps, stages)"
         chosen = (block_q, block_n, warps, stages)
@@ -660,7 +670,7 @@ class Bench:
             if not ok:
                 print(f"  {setting}: wrong (rel err {rel:.2e})")
                 continue
-            timed.append((graph_time(run), setting))
+            timed_setting(timed, graph_time(run), setting)
         bytes_moved = (n * k + k + n) * self.dtype.itemsize
         self.print_sweep(f"gemv sweep {name} {n} x {k}", "gemv_tiles", gemv_tiles(n, k), timed,
                          bytes_moved, top)  # fmt: skip
@@ -700,6 +710,11 @@ def main() -> None:
         "0 model dtype, 8 int8, 4 int4",
     )
     parser.add_argument(
+        "--sweep-cases",
+        default=None,
+        help="comma-separated names of prefill cases for --only prefill-sweep",
+    )
+    parser.add_argument(
         "--ragged",
         default=None,
         help="comma-separated BATCH:SHORTEST:LONGEST cases for --only decode-ragged",
@@ -711,6 +726,8 @@ def main() -> None:
     shapes = TINY if args.tiny else SHAPES[args.shapes]
     if args.gemm_rows:
         shapes = replace(shapes, gemm_rows=tuple(int(n) for n in args.gemm_rows.split(",")))
+    if args.sweep_cases:
+        shapes = replace(shapes, prefill_sweep=tuple(args.sweep_cases.split(",")))
     if args.ragged:
         cases = tuple(tuple(int(n) for n in case.split(":")) for case in args.ragged.split(","))
         shapes = replace(shapes, decode_ragged=cases)
@@ -727,9 +744,9 @@ def main() -> None:
             bench.decode_ragged(*case)
         for name, batch in shapes.prefill if "prefill" in groups else ():
             bench.prefill(name, batch, quant_policy)
-        sweeps = shapes.prefill_sweep if "prefill-sweep" in groups and not quant_policy else ()
+        sweeps = shapes.prefill_sweep if "prefill-sweep" in groups else ()
         for name, batch in ((n, b) for n, b in shapes.prefill if n in sweeps):
-            bench.prefill(name, batch, sweep=True)
+            bench.prefill(name, batch, quant_policy, sweep=True)
         for tokens in shapes.tokens if "elementwise" in groups else ():
             bench.rotary(tokens, quant_policy)
     for tokens in shapes.tokens if "elementwise" in groups else ():

@@ -19,7 +19,10 @@ def test_kernel_sweeps_check_every_candidate() -> None:
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "bench/kernels.py", "--tiny", "--only", "decode-ragged,prefill-sweep"],
+        [
+            sys.executable, "bench/kernels.py", "--tiny", "--only", "decode-ragged,prefill-sweep",
+            "--kv", "0",  # the quantized caches' launch settings: test_triton_attention.py
+        ],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
