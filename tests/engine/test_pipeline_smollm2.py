@@ -99,12 +99,13 @@ def test_greedy_under_preemption(smollm2_dir: Path, reference) -> None:
     assert stats["num_free_blocks"] == 12
 
 
-# (quant_policy, pool tokens against float32's, loss moved by under, greedy answers kept)
-KV_QUANT = [(8, 3.5, 0.03, len(CHAT_PROMPTS) - 3), (4, 6.0, 0.15, 0)]
+# (quant_policy, pool tokens against float32's, loss moved by under, greedy answers kept whole,
+# greedy answers whose first token is kept) of the eight prompts
+KV_QUANT = [(8, 3.5, 0.03, 5, 7), (4, 6.0, 0.15, 0, 5)]
 
 
 @pytest.mark.parametrize(
-    ("quant_policy", "pool", "loss_moved", "kept"), KV_QUANT, ids=["int8", "int4"]
+    ("quant_policy", "pool", "loss_moved", "kept", "led"), KV_QUANT, ids=["int8", "int4"]
 )
 def test_quantized_kv_cache_scores_close(
     smollm2_dir: Path,
@@ -114,13 +115,15 @@ def test_quantized_kv_cache_scores_close(
     pool: float,
     loss_moved: float,
     kept: int,
+    led: int,
 ) -> None:
     """quant_policy=8: the same pool memory holds 3.8x the tokens (int8 and a scale per head
     instead of float32); scored on transformers' answers the loss moves by under 3%, and most
     greedy answers stay transformers' (a near tie can flip a token, and all after it).
     quant_policy=4: 6.4x the tokens (two values a byte, a scale and a zero point per head);
     LMDeploy's "slight loss" shows on this small model as losses within 15% (0.04-8% measured)
-    and greedy answers that drift from transformers' after a few tokens."""
+    and greedy answers that mostly start as transformers' (6 of 8 measured) but drift from them
+    after a few tokens (1 of 8 kept whole)."""
     config = EngineConfig(quant_policy=quant_policy)
     tok = pipe.tokenizer
     scored = [
@@ -141,8 +144,9 @@ def test_quantized_kv_cache_scores_close(
     full_losses = pipe.get_ppl(scored)
     for prompt, loss, full in zip(CHAT_PROMPTS, losses, full_losses, strict=True):
         assert abs(loss - full) < loss_moved * full, prompt
-    same = sum(r.token_ids == reference[p] for p, r in zip(CHAT_PROMPTS, results, strict=True))
-    assert same >= kept
+    pairs = [(r.token_ids, reference[p]) for p, r in zip(CHAT_PROMPTS, results, strict=True)]
+    assert sum(got == want for got, want in pairs) >= kept
+    assert sum(got[:1] == want[:1] for got, want in pairs) >= led
 
 
 def test_shared_prefix_computes_only_suffix(pipe: Pipeline) -> None:
