@@ -154,6 +154,32 @@ def test_a_grammar_the_vocabulary_cannot_continue_fails_its_request_only(
         assert last[1].finish_reason == "length" and last[1].generate_token_len == 8
 
 
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_quantized_cache_greedy_is_the_same_batched_chunked_and_from_the_prefix_cache(
+    tiny_model_dir: Path, quant_policy: int
+) -> None:
+    """Every key and value is read back quantized, whoever wrote it: through an int8 or int4
+    cache, greedy tokens are the same for a prompt alone in one prefill, batched in chunks of
+    16 tokens, and continuing from another request's cached blocks."""
+    shared = list(range(100, 148))  # three blocks of 16
+    prompts = [[*shared, 7, 8, 9], [*shared, 10, 11], list(range(300, 340))]
+    greedy = GenerationConfig(max_new_tokens=8, top_k=1, ignore_eos=True)
+
+    def answers(batched: bool, **config: object) -> list[list[int]]:
+        engine = EngineConfig(block_size=16, quant_policy=quant_policy, **config)
+        with pipeline(str(tiny_model_dir), backend_config=engine) as pipe:
+            if batched:
+                return [r.token_ids for r in pipe(prompts, gen_config=greedy)]
+            outs = [pipe(prompt, gen_config=greedy).token_ids for prompt in prompts]
+            if config.get("enable_prefix_caching", True):
+                assert pipe.engine.stats()["prefix_cache_hits"] > 0
+            return outs
+
+    alone = answers(False, enable_prefix_caching=False)
+    assert answers(True, enable_prefix_caching=False, max_prefill_token_num=16) == alone
+    assert answers(False) == alone  # the second prompt starts from the first's blocks
+
+
 def test_pipeline_log_level_and_unknown_arguments(tiny_model_dir: Path) -> None:
     logger = logging.getLogger("splitfuse")
     previous = logger.level
