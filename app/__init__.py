@@ -23,10 +23,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from app.api import Pipeline, Response, Session, pipeline
-    from app.engine.config import EngineConfig, GenerationConfig, SamplingParams
+    from app.engine.config import (
+        EngineConfig,
+        GenerationConfig,
+        PytorchEngineConfig,
+        SamplingParams,
+    )
     from app.engine.engine import AsyncEngine
-
-    PytorchEngineConfig = EngineConfig
 
 _LAZY = {
     "pipeline": "app.api",
@@ -34,6 +37,7 @@ _LAZY = {
     "Response": "app.api",
     "Session": "app.api",
     "EngineConfig": "app.engine.config",
+    "PytorchEngineConfig": "app.engine.config",
     "GenerationConfig": "app.engine.config",
     "SamplingParams": "app.engine.config",
     "AsyncEngine": "app.engine.engine",
@@ -42,8 +46,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import app` (and the CLI's --help) does not pay for importing torch.
-    if name == "PytorchEngineConfig":
-        name = "EngineConfig"
     if name in _LAZY:
         import importlib
 

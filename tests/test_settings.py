@@ -85,3 +85,44 @@ def test_quant_policy_by_flag_or_environment() -> None:
     assert _settings(flag).engine.quant_policy == 8
     flag = build_parser().parse_args(["serve", "--quant-policy", "4"])
     assert _settings(flag).engine.quant_policy == 4
+
+
+def test_lmdeploy_pytorch_engine_config_maps_onto_engine_config() -> None:
+    from app import PytorchEngineConfig
+
+    config = PytorchEngineConfig(
+        dtype="bfloat16",
+        tp=1,
+        session_len=None,
+        max_batch_size=None,
+        cache_max_entry_count=0.5,
+        prefill_interval=16,
+        block_size=64,
+        num_cpu_blocks=0,
+        num_gpu_blocks=0,
+        adapters=None,
+        max_prefill_token_num=4096,
+        thread_safe=False,
+        enable_prefix_caching=False,
+        device_type="cuda",
+        eager_mode=False,
+        custom_module_map=None,
+        download_dir=None,
+        revision=None,
+        quant_policy=4,
+    )  # every field of LMDeploy 0.6.5's, as a script for it would pass them
+    assert isinstance(config, EngineConfig)
+    assert (config.dtype, config.max_batch_size, config.device) == ("bfloat16", 0, "cuda")
+    assert (config.cache_max_entry_count, config.quant_policy) == (0.5, 4)
+    assert (config.max_prefill_token_num, config.enable_prefix_caching) == (4096, False)
+    refused = [
+        ("adapters", {"lora": "/models/lora"}, "LoRA adapters are not supported"),
+        ("revision", "main", "never downloaded"),
+        ("device_type", "ascend", "device_type must be 'cuda'"),
+        ("quant_policy", 2, "quant_policy must be"),
+    ]
+    for name, value, message in refused:
+        with pytest.raises(ValueError, match=message):
+            PytorchEngineConfig(**{name: value})
+    with pytest.raises(TypeError, match="no_such_field"):
+        PytorchEngineConfig(no_such_field=1)

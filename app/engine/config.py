@@ -96,6 +96,37 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
+# LMDeploy's PytorchEngineConfig fields that mean nothing to this engine: accepted at any value
+# (a script written for LMDeploy runs unchanged), or only at their default, with the reason.
+_NO_EFFECT = ("prefill_interval", "thread_safe", "num_cpu_blocks")  # split-fuse steps; no swap
+_UNSUPPORTED = {
+    "adapters": "LoRA adapters are not supported",
+    "custom_module_map": "custom model modules are not supported",
+    "download_dir": "models are never downloaded: pass a local directory or .gguf file",
+    "revision": "models are never downloaded: pass a local directory or .gguf file",
+}
+
+
+def PytorchEngineConfig(**fields: Any) -> EngineConfig:  # LMDeploy's class name
+    """LMDeploy's `PytorchEngineConfig(...)` as an EngineConfig: the same names where they
+    exist, `max_batch_size=None` for the device's choice, `device_type='cuda'`; its fields that
+    mean nothing here are accepted (prefill_interval, thread_safe, num_cpu_blocks) or refused
+    with the reason unless left at None (adapters, custom_module_map, download_dir, revision)."""
+    for name, reason in _UNSUPPORTED.items():
+        if fields.pop(name, None) is not None:
+            raise ValueError(f"{name}: {reason}")
+    for name in _NO_EFFECT:
+        fields.pop(name, None)
+    device_type = fields.pop("device_type", None)
+    if device_type not in (None, "cuda"):
+        raise ValueError(f"device_type must be 'cuda', got {device_type!r}")
+    if device_type and "device" not in fields:
+        fields["device"] = "cuda"
+    if fields.get("max_batch_size", 0) is None:
+        fields["max_batch_size"] = 0
+    return EngineConfig(**fields)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
