@@ -90,27 +90,14 @@ def test_quant_policy_by_flag_or_environment() -> None:
 def test_lmdeploy_pytorch_engine_config_maps_onto_engine_config() -> None:
     from app import PytorchEngineConfig
 
+    # Every field of LMDeploy 0.6.5's, as a script written for it would pass them.
     config = PytorchEngineConfig(
-        dtype="bfloat16",
-        tp=1,
-        session_len=None,
-        max_batch_size=None,
-        cache_max_entry_count=0.5,
-        prefill_interval=16,
-        block_size=64,
-        num_cpu_blocks=0,
-        num_gpu_blocks=0,
-        adapters=None,
-        max_prefill_token_num=4096,
-        thread_safe=False,
-        enable_prefix_caching=False,
-        device_type="cuda",
-        eager_mode=False,
-        custom_module_map=None,
-        download_dir=None,
-        revision=None,
-        quant_policy=4,
-    )  # every field of LMDeploy 0.6.5's, as a script for it would pass them
+        dtype="bfloat16", tp=1, session_len=None, max_batch_size=None, cache_max_entry_count=0.5,
+        prefill_interval=16, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0, adapters=None,
+        max_prefill_token_num=4096, thread_safe=False, enable_prefix_caching=False,
+        device_type="cuda", eager_mode=False, custom_module_map=None, download_dir=None,
+        revision=None, quant_policy=4,
+    )  # fmt: skip
     assert isinstance(config, EngineConfig)
     assert (config.dtype, config.max_batch_size, config.device) == ("bfloat16", 0, "cuda")
     assert (config.cache_max_entry_count, config.quant_policy) == (0.5, 4)
