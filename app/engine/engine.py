@@ -355,6 +355,7 @@ class AsyncEngine:
                     continue
                 current = submit(self._executor, self.runner, loop, out, marks)
             marks = current.marks
+            failure = "engine step failed"
             try:
                 await wait_launched(current, self._block_for_launch)
                 if current.allowed is not None:  # the sampler needs it after the forward pass
@@ -385,24 +386,20 @@ class AsyncEngine:
                     ahead = None
                 if ahead is not None and self._block_for_launch:
                     await wait_launched(ahead, True)  # the GPU thread starts it now: launch first
-            except Exception as exc:
-                await self._fail_in_flight("engine step failed", exc, current.out, ahead)
-                ahead = None
-                continue
-            self.last_error = None
-            self.last_progress = time.monotonic()
-            if marks is not None:
-                marks["update_start"] = time.perf_counter()
-            try:
+                # From here on a failure is in the engine's own bookkeeping, not the step's.
+                failure = "engine update failed"
+                self.last_error = None
+                self.last_progress = time.monotonic()
+                if marks is not None:
+                    marks["update_start"] = time.perf_counter()
                 if step.errors:  # a request's own logits processor failed: that request ends
-                    self._fail_sampled(current.out, step.errors)
+                    self._fail(self.scheduler.fail_sampled(current.out, step.errors))
                 pending = self.scheduler.update(current.out, step)
                 for update in pending:  # before the next step's grammar masks are filled
                     accept_token(self.scheduler, update.seq, update.token_id)
-            except Exception as exc:  # a bug in the engine's own bookkeeping: serve on
-                pending = []
-                await self._fail_in_flight("engine update failed", exc, current.out, ahead)
-                ahead = None
+            except Exception as exc:
+                await self._fail_in_flight(failure, exc, current.out, ahead)
+                pending, ahead = [], None
                 continue
             if self._trace is not None and marks is not None:
                 waiting = len(self.scheduler.waiting)
@@ -458,11 +455,10 @@ class AsyncEngine:
                 state.emit(state.samples[seq.index], "", [], None)
 
     async def _fail_in_flight(
-        self, what: str, exc: Exception, out: SchedulerOutput, ahead: Any | None
+        self, what: str, exc: Exception, out: SchedulerOutput, ahead: InFlight | None
     ) -> None:
-        """After a step (or its bookkeeping) failed: fail every unfinished request, those of a
-        step scheduled ahead included once it ends, and start again from an empty prefix
-        cache; the engine loop serves on."""
+        """After a step or its bookkeeping failed: fail every unfinished request (a step
+        scheduled ahead's once it ends) and empty the prefix cache; the loop serves on."""
         ids = sorted({item.seq.request_id for item in out.scheduled})
         log.exception(what, extra={"request_ids": ids})
         self._queued = None
@@ -472,18 +468,6 @@ class AsyncEngine:
         self.last_error = f"{what}: {type(exc).__name__}"
         self._fail(self.scheduler.fail_all(self.last_error))
         self.block_manager.reset_prefix_cache()
-
-    def _fail_sampled(self, out: SchedulerOutput, errors: dict[int, str]) -> None:
-        """End the sequences whose sampling failed; their neighbours' tokens stand. The update
-        that follows skips them, as it skips sequences aborted while the step ran."""
-        failed = [
-            item.seq
-            for item in out.scheduled
-            if item.seq.seq_id in errors and not item.seq.is_finished
-        ]
-        for seq in failed:
-            self.scheduler.finish(seq, FinishReason.ERROR, errors[seq.seq_id])
-        self._fail(failed)
 
     def _fail_unschedulable(self) -> None:
         """Nothing fits although nothing runs: the head request can never get its blocks."""

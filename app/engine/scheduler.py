@@ -181,6 +181,14 @@ class Scheduler:
             self.finish(seq, FinishReason.ERROR, message)
         return seqs
 
+    def fail_sampled(self, out: SchedulerOutput, errors: dict[int, str]) -> list[Sequence]:
+        """End the sequences of `out` whose sampling failed (seq_id -> why); `update` then
+        skips them, as it skips sequences aborted while the step ran."""
+        seqs = [i.seq for i in out.scheduled if i.seq.seq_id in errors and not i.seq.is_finished]
+        for seq in seqs:
+            self.finish(seq, FinishReason.ERROR, errors[seq.seq_id])
+        return seqs
+
     # --------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(released_seq_ids=self._released)
