@@ -70,17 +70,19 @@ def test_engine_defers_full_collections_until_shutdown(tiny_model_dir: Path) -> 
 
 
 def test_a_large_batch_starts_stepping_while_it_is_admitted(tiny_model_dir: Path) -> None:
-    # The pipeline lets the engine loop run between groups of admissions: the first step does
-    # not wait for a thousand prompts to be checked into the engine.
+    # The pipeline lets the engine loop run between groups of admissions: the first step is
+    # scheduled before all the prompts are checked into the engine (counted when it is
+    # scheduled, not when the GPU thread gets to run it).
     with pipeline(str(tiny_model_dir), backend_config=EngineConfig(block_size=16)) as pipe:
-        runner, execute = pipe.engine.runner, pipe.engine.runner.execute
+        scheduler = pipe.engine.scheduler
+        schedule = scheduler.schedule
         admitted: list[int] = []
 
-        def counted(out, *args):  # type: ignore[no-untyped-def]
+        def counted():  # type: ignore[no-untyped-def]
             admitted.append(pipe.engine.num_requests)
-            return execute(out, *args)
+            return schedule()
 
-        runner.execute = counted
+        scheduler.schedule = counted
         prompts = [[100 + i, 200 + i, 300 + i] for i in range(8 * ADMIT_BATCH)]
         results = pipe(prompts, gen_config=GenerationConfig(max_new_tokens=2, ignore_eos=True))
     assert admitted[0] < len(prompts)
