@@ -16,6 +16,9 @@ from app.kernels.prefill_attention import paged_prefill_attention
 # kvh]` float32 when k and v hold int8 (LMDeploy's quant_policy=8). With quant_policy=4, k and v
 # are uint8 `[N, block_size, kvh, hd / 2]`, byte i holding dimension i in its low nibble and
 # i + hd / 2 in its high one, and the scales `[N, block_size, kvh, 2]`: (scale, zero point).
+# A quantized cache stores its values slot-fastest (`[N, kvh, hd', block_size]` viewed in the
+# shape above), so the kernels load one dimension of a tile's keys as a vector: P x V sums over
+# the keys, and bytes strided along them would reach the tensor cores one load each.
 KVCache = tuple[torch.Tensor, ...]
 KVScales = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,7 +42,11 @@ def new_kv_cache(
         shape, values_dtype, per_slot = (*shape[:3], head_dim // 2), torch.uint8, (2,)
     else:
         values_dtype, per_slot = torch.int8, ()
-    values = tuple(torch.zeros(shape, dtype=values_dtype, device=device) for _ in range(2))
+    k_values = torch.zeros(shape, dtype=values_dtype, device=device)
+    v_values = torch.zeros(
+        (num_blocks, num_kv_heads, shape[3], block_size), dtype=values_dtype, device=device
+    )
+    values = (k_values, v_values.permute(0, 3, 1, 2))
     # Scales are stored head-major within a block, so that the kernels' tile of one head's
     # scales is contiguous: `[N, bs, kvh]` views of `[N, kvh, bs]` tensors.
     scales = tuple(
@@ -161,11 +168,10 @@ class AttentionMetadata:
 class RefLayout:
     """What the torch reference derives from a step's layout alone, the same for every layer."""
 
-    slots: torch.Tensor  # int64 [B, S]: cache slot of every (sequence, key position)
     key_valid: torch.Tensor  # bool [B, S, 1, 1]: the position holds one of the sequence's keys
     padded_row: torch.Tensor  # int64 [T]: row of each new token in the padded [B * Q] batch
     mask: torch.Tensor  # bool [B, 1, Q, S]: which keys each padded query row sees
-    block_slot: tuple[torch.Tensor, torch.Tensor]  # (block [B, S], offset [S]): the scales' index
+    block_slot: tuple[torch.Tensor, torch.Tensor]  # (block [B, S], offset [S]) of every key
 
 
 def ref_layout(
@@ -185,7 +191,6 @@ def ref_layout(
     key_pos = torch.arange(max_s, device=device)
     blocks = meta.block_tables[:, key_pos // block_size].long()
     offsets = key_pos % block_size
-    slots = blocks * block_size + offsets
     seq_lens = meta.seq_lens.to(device=device, dtype=torch.long)
     key_valid = key_pos[None, :] < seq_lens[:, None]  # [B, S]
 
@@ -204,7 +209,7 @@ def ref_layout(
     if sliding_window is not None:
         mask &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
     layout = RefLayout(
-        slots, key_valid[:, :, None, None], padded_row, mask[:, None, :, :], (blocks, offsets)
+        key_valid[:, :, None, None], padded_row, mask[:, None, :, :], (blocks, offsets)
     )
     meta._ref_layouts[key] = layout
     return layout
@@ -241,13 +246,13 @@ def write_kv_cache(
 ) -> None:
     """Store this step's keys/values `[T, kvh, hd]` at their slots in `[N, bs, kvh, hd]` caches
     (quantized, with their scales, for an int8 or int4 cache)."""
-    block_size, num_kv_heads, width = k_cache.shape[1:]
+    block_slot = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
     quantize = quantize_kv_int4 if k_cache.dtype == torch.uint8 else quantize_kv
     for x, cache, scales in zip((k, v), (k_cache, v_cache), kv_scales or (None, None), strict=True):
         if scales is not None:
             x, scale = quantize(x)
-            scales[slot_mapping // block_size, slot_mapping % block_size] = scale
-        cache.view(-1, num_kv_heads, width).index_copy_(0, slot_mapping, x.to(cache.dtype))
+            scales[block_slot] = scale
+        cache[block_slot] = x.to(cache.dtype)
 
 
 def paged_attention(
@@ -327,9 +332,8 @@ def paged_attention_ref(
     compute_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         compute_dtype = torch.float32
-    width = k_cache.shape[-1]  # head_dim, or half of it for int4
-    k = k_cache.view(-1, num_kv_heads, width)[layout.slots]  # [B, S, kvh, hd]
-    v = v_cache.view(-1, num_kv_heads, width)[layout.slots]
+    k = k_cache[layout.block_slot]  # [B, S, kvh, hd] (hd / 2 bytes for int4)
+    v = v_cache[layout.block_slot]
     if kv_scales is not None:  # quantized values back to float32
         k = dequantize_kv(k, kv_scales[0][layout.block_slot])
         v = dequantize_kv(v, kv_scales[1][layout.block_slot])

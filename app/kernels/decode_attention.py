@@ -74,6 +74,7 @@ def _decode_split_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_vd,
     ks_ptr,
     vs_ptr,
     stride_sb,
@@ -91,6 +92,7 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
+    ALIGNED: tl.constexpr,
     ORDERED: tl.constexpr,
 ):
     seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int32) if ORDERED else tl.program_id(0)
@@ -122,16 +124,16 @@ def _decode_split_kernel(
     for n0 in range(start, full_end, BLOCK_N):
         acc, acc2, row_max, row_sum = attend_tile(
             q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, n0, end,
-            q_pos, window, scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
+            q_pos, window, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, stride_vd,
+            ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT, ALIGNED,
         )  # fmt: skip
     if full_end < end:
         acc, acc2, row_max, row_sum = attend_tile(
             q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, full_end, end,
-            q_pos, window, scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
+            q_pos, window, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, stride_vd,
+            ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT, ALIGNED,
         )  # fmt: skip
 
     # An empty split (short context, many splits) has row_sum 0 and gets weight 0 below.
@@ -250,7 +252,7 @@ def paged_decode_attention(
         scale * LOG2E, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *scale_args(kv_scales, k_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads,
@@ -262,6 +264,7 @@ def paged_decode_attention(
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
         QUANT=quant,
+        ALIGNED=not sliding_window,  # without a window every tile starts at a multiple of BLOCK_N
         ORDERED=order is not None,
         num_warps=warps,
         num_stages=stages,

@@ -118,6 +118,7 @@ def attend_tile(
     stride_ks,
     stride_vb,
     stride_vs,
+    stride_vd,
     ks_base,
     vs_base,
     stride_sb,
@@ -128,6 +129,7 @@ def attend_tile(
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Fold keys n0 .. n0+BLOCK_N-1 into (acc, acc2, row_max, row_sum) and return the new
     four; `k_base`/`v_base` already point at the kv head, `table_row` at the sequence's block
@@ -135,7 +137,8 @@ def attend_tile(
 
     Scores live in log2 units (scale_log2 = scale * log2 e) so exp2 replaces exp. Unmasked tiles
     must lie wholly below `k_end` and be visible to every query row. Masked tiles also hide keys
-    at or past `k_end`, after a row's position, or (window > 0) older than its window. With
+    at or past `k_end`, after a row's position, or (window > 0) older than its window. ALIGNED:
+    `n0` is a multiple of BLOCK_N (no sliding window), so runs of keys share a page. With
     QUANT (8 or 4) the cache holds int8 or int4 and `ks_base`/`vs_base` point at the kv head's
     float32 scales: keys are scaled back in the scores and values in the probabilities, so
     neither tile is multiplied out.
@@ -149,14 +152,23 @@ def attend_tile(
     pos = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM // 2) if QUANT == 4 else tl.arange(0, HEAD_DIM)
     in_range = pos < k_end
-    table_ptrs = table_row + pos // BLOCK_SIZE
-    page = tl.load(table_ptrs, mask=in_range, other=0) if MASKED else tl.load(table_ptrs)
-    page = page.to(tl.int64)
+    # A key at or past k_end takes the page of the last key before it (one of the sequence's
+    # blocks): every address stays inside the cache and runs of keys keep one page.
+    key = tl.minimum(pos, k_end - 1) if MASKED else pos
+    page = tl.load(table_row + key // BLOCK_SIZE).to(tl.int64)
     slot = (pos % BLOCK_SIZE).to(tl.int64)
+    if QUANT and ALIGNED:
+        # Runs of keys share a page and lie side by side in the slot-fastest values: told so,
+        # the compiler loads them as vectors.
+        RUN: tl.constexpr = BLOCK_N if BLOCK_N < BLOCK_SIZE else BLOCK_SIZE
+        page = tl.max_constancy(page, RUN)
+        slot = tl.max_contiguous(tl.multiple_of(slot, RUN), RUN)
     k_ptrs = k_base + page[:, None] * stride_kb + slot[:, None] * stride_ks + d[None, :]
-    v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :]
+    v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vs + d[None, :] * stride_vd
     # Masked loads keep never-written (possibly NaN) cache rows out of the arithmetic entirely.
-    k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0) if MASKED else tl.load(k_ptrs)
+    # Quantized values are finite and their scales masked to 0: they load whole, as vectors.
+    MASK_VALUES: tl.constexpr = MASKED and not QUANT
+    k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0) if MASK_VALUES else tl.load(k_ptrs)
     if QUANT:
         where = page * stride_sb + slot * stride_ss
         if MASKED:
@@ -194,7 +206,7 @@ def attend_tile(
     p = tl.exp2(s - shift[:, None])
     alpha = tl.exp2(row_max - shift)
     row_sum = row_sum * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
+    v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0) if MASK_VALUES else tl.load(v_ptrs)
     if QUANT == 4:
         scaled = (p * v_scale[None, :]).to(q.dtype)
         low, offset = _nibbles_as(v & 15, q.dtype)

@@ -63,6 +63,7 @@ def _prefill_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_vd,
     ks_ptr,
     vs_ptr,
     stride_sb,
@@ -79,6 +80,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # Numbers run backwards so that a long prompt's last tiles, which see the most keys, start
     # first instead of trailing behind every other program.
@@ -121,16 +123,16 @@ def _prefill_kernel(
     for n0 in range(k_lo, full_end, BLOCK_N):
         acc, acc2, row_max, row_sum = attend_tile(
             q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, n0, k_end,
-            q_pos, window, scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT,
+            q_pos, window, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, stride_vd,
+            ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT, ALIGNED,
         )  # fmt: skip
     for n0 in range(full_end, k_end, BLOCK_N):
         acc, acc2, row_max, row_sum = attend_tile(
             q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, n0, k_end,
-            q_pos, window, scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, ks_base, vs_base, stride_sb, stride_ss,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT,
+            q_pos, window, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs, stride_vd,
+            ks_base, vs_base, stride_sb, stride_ss,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, QUANT, ALIGNED,
         )  # fmt: skip
 
     # Every stored row saw at least its own key, so row_sum > 0 there.
@@ -203,7 +205,7 @@ def paged_prefill_attention(
         scale * LOG2E, sliding_window or 0, num_seqs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *scale_args(kv_scales, k_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group,
@@ -214,6 +216,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
         QUANT=quant,
+        ALIGNED=not sliding_window,  # without a window every tile starts at a multiple of BLOCK_N
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

@@ -101,6 +101,7 @@ def _rotary_cache_kernel(
     stride_vcb,
     stride_vcs,
     stride_vch,
+    stride_vcd,
     ks_ptr,
     vs_ptr,
     stride_sb,
@@ -131,7 +132,7 @@ def _rotary_cache_kernel(
     d = tl.arange(0, 2 * HALF)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
     where_v = (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs
-    vc = v_cache_ptr + where_v + h[:, None] * stride_vch + d[None, :]
+    vc = v_cache_ptr + where_v + h[:, None] * stride_vch + d[None, :] * stride_vcd
     if QUANT:
         # The reference quantizes k as stored in the model's dtype: round there first.
         k1 = k1.to(k_ptr.dtype.element_ty).to(tl.float32)
@@ -167,7 +168,8 @@ def _rotary_cache_kernel(
         tl.store(vs_ptr + where_s + h * stride_sh, v_span / 15.0, mask=head_ok)
         tl.store(vs_ptr + where_s + h * stride_sh + 1, v_low, mask=head_ok)
         tl.store(kc, k_packed, mask=ok)
-        tl.store(v_cache_ptr + where_v + h[:, None] * stride_vch + i[None, :], v_packed, mask=ok)
+        v_bytes = v_cache_ptr + where_v + h[:, None] * stride_vch + i[None, :] * stride_vcd
+        tl.store(v_bytes, v_packed, mask=ok)
     else:
         tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=ok)
         tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=ok)
@@ -197,14 +199,14 @@ def rotary_and_cache_triton(
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     if head_dim & (head_dim - 1) or head_dim < 2:
         raise ValueError(f"head_dim must be a power of two, got {head_dim}")
-    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache)):
+    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache)):
         raise ValueError("rotary_and_cache needs contiguous head_dim (last) dimensions")
     _rotary_cache_kernel[(num_tokens,)](
         q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *scale_args(kv_scales, k_cache),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,

@@ -171,6 +171,14 @@ def test_write_kv_cache_int8_stores_values_and_scales() -> None:
     assert kv_bytes_per_token(2, 8, torch.bfloat16) == 2 * 2 * 8 * 2
 
 
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_quantized_values_are_stored_slot_fastest(quant_policy: int) -> None:
+    # A key tile's values of one dimension lie side by side; keys stay row-major.
+    k_cache, v_cache, *_ = new_kv_cache(3, 4, 2, 8, torch.float32, "cpu", quant_policy)
+    assert v_cache.shape == k_cache.shape and v_cache.stride(1) == 1 and k_cache.stride(-1) == 1
+    assert v_cache.permute(0, 2, 3, 1).is_contiguous()  # [N, kvh, hd', block_size] underneath
+
+
 def test_quantize_kv_int4_rounds_within_half_a_step() -> None:
     x = torch.randn(6, 3, 32, generator=torch.Generator().manual_seed(5)) * 4 + 1
     x[0, 0] = 2.5  # a constant row must not divide by zero, and comes back exactly

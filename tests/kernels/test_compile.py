@@ -46,9 +46,9 @@ def _variants() -> list[tuple[str, int, dict]]:
     variants = [("_decode_reduce_kernel", 0, {"NUM_HEADS": 32, "HEAD_DIM": 128, "SPLITS_PAD": 8})]
     for quant in CACHE:
         for single in (True, False):
-            split = decode | {"SINGLE_SPLIT": single, "QUANT": quant}
+            split = decode | {"SINGLE_SPLIT": single, "QUANT": quant, "ALIGNED": single}
             variants.append(("_decode_split_kernel", quant, split))
-        variants.append(("_prefill_kernel", quant, prefill | {"QUANT": quant}))
+        variants.append(("_prefill_kernel", quant, prefill | {"QUANT": quant, "ALIGNED": True}))
         variants.append(("_rotary_cache_kernel", quant, rotary | {"QUANT": quant}))
     return variants
 
