@@ -36,8 +36,7 @@ def _variants() -> list[tuple[str, int, dict]]:
         "BLOCK_N": 128, "DOT_PRECISION": "tf32", "ORDERED": True,
     }  # fmt: skip
     prefill = {
-        "GROUP": 4, "GROUP_PAD": 4, "BLOCK_Q": 32, "HEAD_DIM": 128, "BLOCK_SIZE": 64,
-        "BLOCK_N": 32, "DOT_PRECISION": "tf32",
+        "GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 64, "DOT_PRECISION": "tf32",
     }  # fmt: skip
     rotary = {
         "NUM_HEADS": 32, "NUM_KV_HEADS": 8, "HEADS_PAD": 32, "KV_HEADS_PAD": 8, "HALF": 64,
@@ -48,7 +47,10 @@ def _variants() -> list[tuple[str, int, dict]]:
         for single in (True, False):
             split = decode | {"SINGLE_SPLIT": single, "QUANT": quant, "ALIGNED": single}
             variants.append(("_decode_split_kernel", quant, split))
-        variants.append(("_prefill_kernel", quant, prefill | {"QUANT": quant, "ALIGNED": True}))
+        tiles = {"BLOCK_Q": 16, "BLOCK_N": 64} if quant else {"BLOCK_Q": 64, "BLOCK_N": 64}
+        variants.append(
+            ("_prefill_kernel", quant, prefill | tiles | {"QUANT": quant, "ALIGNED": True})
+        )
         variants.append(("_rotary_cache_kernel", quant, rotary | {"QUANT": quant}))
     return variants
 

@@ -14,7 +14,7 @@ from app.kernels.decode_attention import (
     longest_first,
     paged_decode_attention,
 )
-from app.kernels.prefill_attention import paged_prefill_attention
+from app.kernels.prefill_attention import paged_prefill_attention, prefill_tiles
 
 pytestmark = needs_triton
 
@@ -58,6 +58,13 @@ def test_decode_tiles_by_row_width_and_cache_type() -> None:
     assert decode_tiles(512) == (32, 4, 2)  # float32 head_dim 128
     assert decode_tiles(256, 8) == (128, 4, 2)  # int8 tiles: twice the keys
     assert decode_tiles(256, 4) == (128, 4, 2)  # int4 the same
+
+
+def test_prefill_tiles_by_row_width_and_cache_type() -> None:
+    assert prefill_tiles(128, 4, 2) == (64, 4, 64, 8, 3)  # bf16 head_dim 128, GQA 4
+    assert prefill_tiles(128, 4, 2, 8) == (16, 4, 64, 4, 1)  # int8: widened in registers
+    assert prefill_tiles(128, 4, 2, 4) == (16, 4, 64, 4, 1)  # int4 the same
+    assert prefill_tiles(128, 1, 4, 8) == (32, 1, 64, 4, 1)  # float32 rows: half as many
 
 
 # Every launch setting the decode sweep may pick computes the same attention, masked tail
