@@ -341,16 +341,19 @@ class Bench:
         return k_cache, v_cache, self.metadata(batch, table_t)
 
     def paged_caches(self, batch: Batch, quant_policy: int) -> tuple:
-        """`paged`'s caches, quantized for quant_policy 8 or 4 with their scales (head-major
-        within a block, as the engine keeps them): k, v, kv_scales (None for a cache in the
-        model's dtype), metadata."""
+        """`paged`'s caches, quantized for quant_policy 8 or 4 with their scales, in the
+        engine's layout (`new_kv_cache`: values slot-fastest, scales head-major within a
+        block): k, v, kv_scales (None for a cache in the model's dtype), metadata."""
         k_cache, v_cache, meta = self.paged(batch)
         if not quant_policy:
             return k_cache, v_cache, None, meta
         quantize = quantize_kv_int4 if quant_policy == 4 else quantize_kv
         (k_q, k_scale), (v_q, v_scale) = quantize(k_cache), quantize(v_cache)
-        scales = tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k_scale, v_scale))
-        return k_q, v_q, scales, meta
+        shape = (*k_cache.shape[:3], self.s.head_dim)
+        cache = new_kv_cache(*shape, self.dtype, self.device, quant_policy)
+        for stored, computed in zip(cache, (k_q, v_q, k_scale, v_scale), strict=True):
+            stored.copy_(computed)
+        return cache[0], cache[1], (cache[2], cache[3]), meta
 
     def decode_inputs(self, batch_size: int, context: int, quant_policy: int) -> tuple:
         """q, the caches, their scales (None for a cache in the model's dtype) and metadata."""
