@@ -47,7 +47,7 @@ def _variants() -> list[tuple[str, int, dict]]:
         for single in (True, False):
             split = decode | {"SINGLE_SPLIT": single, "QUANT": quant, "ALIGNED": single}
             variants.append(("_decode_split_kernel", quant, split))
-        tiles = {"BLOCK_Q": 16, "BLOCK_N": 64} if quant else {"BLOCK_Q": 64, "BLOCK_N": 64}
+        tiles = {"BLOCK_Q": 32, "BLOCK_N": 32} if quant else {"BLOCK_Q": 64, "BLOCK_N": 64}
         variants.append(
             ("_prefill_kernel", quant, prefill | tiles | {"QUANT": quant, "ALIGNED": True})
         )
