@@ -398,23 +398,27 @@ class Bench:
             timed_setting(timed, graph_time(lambda setting=setting: run(setting)), setting)
         self.print_sweep(f"decode sweep {case}", "decode_tiles", chosen, timed, work)
 
-    def decode_ragged(self, batch_size: int, shortest: int, longest: int) -> None:
-        """Decode attention over contexts of mixed lengths at every split count up to 8 (and the
-        one `decode_num_splits` picks for a block table as wide as the longest context), with
-        the programs started in row order and longest first."""
+    def decode_ragged(
+        self, batch_size: int, shortest: int, longest: int, quant_policy: int = 0
+    ) -> None:
+        """Decode attention over contexts of mixed lengths (most ending inside a key tile) at
+        every split count up to 8 (and the one `decode_num_splits` picks for a block table as
+        wide as the longest context), with the programs started in row order and longest
+        first."""
         s = self.s
         lens = torch.randint(shortest, longest + 1, (batch_size,), generator=self.host_gen)
-        k_cache, v_cache, meta = self.paged(tuple((n, 1) for n in lens.tolist()))
+        batch = tuple((n, 1) for n in lens.tolist())
+        k_cache, v_cache, kv_scales, meta = self.paged_caches(batch, quant_policy)
         q = self.randn(batch_size, s.num_heads, s.head_dim)
         scale = s.head_dim**-0.5
-        ref = [paged_attention_ref(q, k_cache, v_cache, meta, scale)]
+        ref = [paged_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales=kv_scales)]
         out = self.nan(*q.shape)
         order = longest_first(meta.seq_lens)
-        per_token = kv_bytes_per_token(s.num_kv_heads, s.head_dim, q.dtype)
+        per_token = kv_bytes_per_token(s.num_kv_heads, s.head_dim, q.dtype, quant_policy)
         work = int(lens.sum()) * per_token + 2 * q.numel() * q.element_size()
         width = meta.block_tables.shape[1] * s.block_size
         auto = decode_num_splits(batch_size, s.num_kv_heads, width, _num_sms(q.device))
-        case = f"batch {batch_size} ctx {shortest}-{longest}"
+        case = f"batch {batch_size} ctx {shortest}-{longest}" + kv_label(quant_policy)
         print(f"\ndecode ragged, {case} (mean {lens.float().mean():.0f}), picked {auto} split(s):")
         print(f"  {'splits':>6} {'order':<14} {'us':>8} {'GB/s':>8}")
         # MAX_SPLITS: what a CUDA graph's launch asks at batch 1, its splits counted for the
@@ -425,6 +429,7 @@ class Bench:
                 def run(splits: int = splits, ordered: torch.Tensor | None = ordered) -> list:
                     args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
                     opts = {"num_splits": splits, "order": ordered, "out": out}
+                    opts["kv_scales"] = kv_scales
                     return [paged_decode_attention(*args, **opts)]
 
                 rel, ok = compare(run(), ref)
@@ -743,8 +748,8 @@ def main() -> None:
             bench.decode(batch_size, context, quant_policy)
         for batch_size, context in shapes.decode_sweep if "decode-sweep" in groups else ():
             bench.decode(batch_size, context, quant_policy, sweep=True)
-        for case in shapes.decode_ragged if "decode-ragged" in groups and not quant_policy else ():
-            bench.decode_ragged(*case)
+        for case in shapes.decode_ragged if "decode-ragged" in groups else ():
+            bench.decode_ragged(*case, quant_policy)
         for name, batch in shapes.prefill if "prefill" in groups else ():
             bench.prefill(name, batch, quant_policy)
         sweeps = shapes.prefill_sweep if "prefill-sweep" in groups else ()
