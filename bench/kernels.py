@@ -429,8 +429,7 @@ class Bench:
                 def run(splits: int = splits, ordered: torch.Tensor | None = ordered) -> list:
                     args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
                     opts = {"num_splits": splits, "order": ordered, "out": out}
-                    opts["kv_scales"] = kv_scales
-                    return [paged_decode_attention(*args, **opts)]
+                    return [paged_decode_attention(*args, kv_scales=kv_scales, **opts)]
 
                 rel, ok = compare(run(), ref)
                 if not ok:
