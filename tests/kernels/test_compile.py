@@ -44,7 +44,7 @@ def _variants() -> list[tuple[str, int, dict]]:
     }  # fmt: skip
     variants = [("_decode_reduce_kernel", 0, {"NUM_HEADS": 32, "HEAD_DIM": 128, "SPLITS_PAD": 8})]
     for quant in CACHE:
-        for single in (True, False):
+        for single in (True, False):  # and aligned tiles with one split, unaligned (a window)
             split = decode | {"SINGLE_SPLIT": single, "QUANT": quant, "ALIGNED": single}
             variants.append(("_decode_split_kernel", quant, split))
         tiles = {"BLOCK_Q": 32, "BLOCK_N": 32} if quant else {"BLOCK_Q": 64, "BLOCK_N": 64}
