@@ -726,10 +726,18 @@ def main() -> None:
         default=None,
         help="comma-separated BATCH:SHORTEST:LONGEST cases for --only decode-ragged",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="the activations' dtype (default bfloat16 on a GPU, float16 on the CPU)",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The interpreter cannot multiply bf16 in tl.dot (triton-lang/triton#11584): fp16 on CPU.
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
     shapes = TINY if args.tiny else SHAPES[args.shapes]
     if args.gemm_rows:
         shapes = replace(shapes, gemm_rows=tuple(int(n) for n in args.gemm_rows.split(",")))
