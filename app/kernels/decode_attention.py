@@ -111,7 +111,7 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + rows
     row_ok = rows < GROUP  # tl.dot needs >= 16 rows; the padding rows are never stored
     q_rows = q_ptr + seq * stride_qt + heads[:, None] * stride_qh
-    q, q2, q_sum, acc, acc2 = load_queries(q_rows, row_ok, HEAD_DIM, QUANT)
+    q, q2, q_sum, acc, acc2, scale_log2 = load_queries(q_rows, row_ok, scale_log2, HEAD_DIM, QUANT)
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt

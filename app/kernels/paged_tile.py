@@ -4,11 +4,18 @@ online-softmax accumulator."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# Widen quantized bytes with inline PTX on a GPU; the interpreter cannot run it and takes the
+# same arithmetic in Triton bit operations.
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on"))
+# An int8 value x read as float16 through the bits 0x6400 | (x + 128): 1024 + 128 + x.
+INT8_OFFSET = tl.constexpr(1152.0)
 
 
 def check_head_dim(head_dim: int) -> None:
@@ -46,10 +53,13 @@ def scale_args(
 
 
 @triton.jit
-def load_queries(rows_ptr, row_ok, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr):
-    """(q, q2, q_sum, acc, acc2) for `attend_tile` from query rows (`rows_ptr` `[M, 1]` points
-    at each row's first value): whole rows and an empty accumulator, or for an int4 cache
-    (QUANT 4) both halves of each and the rows' float32 sums."""
+def load_queries(rows_ptr, row_ok, scale_log2, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr):
+    """(q, q2, q_sum, acc, acc2, scale_log2) for `attend_tile` from query rows (`rows_ptr`
+    `[M, 1]` points at each row's first value) and the scores' scale: whole rows and an empty
+    accumulator, or for an int4 cache (QUANT 4) both halves of each and the rows' float32 sums.
+    For an int8 cache under a half dtype, `q` is the rows over one scale for the tile in float16
+    (the scale moves into `scale_log2`), `q_sum` INT8_OFFSET times their sums and `q2` the rows
+    as loaded, whose dtype the P x V product takes."""
     if QUANT == 4:
         d = tl.arange(0, HEAD_DIM // 2)
         q = tl.load(rows_ptr + d[None, :], mask=row_ok[:, None], other=0.0)
@@ -62,7 +72,14 @@ def load_queries(rows_ptr, row_ok, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr):
         q2 = q
         q_sum = 0.0
         acc2 = 0.0
-    return q, q2, q_sum, tl.zeros(q.shape, dtype=tl.float32), acc2
+        if QUANT == 8 and q.dtype != tl.float32:
+            # float16 holds the keys' offset bytes exactly (bfloat16 does not); scaled to a
+            # largest value of 256, the queries neither overflow nor lose bits there.
+            q_scale = tl.maximum(tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0), 1e-30) / 256.0
+            q = (q.to(tl.float32) / q_scale).to(tl.float16)
+            q_sum = tl.sum(q.to(tl.float32), 1) * INT8_OFFSET
+            scale_log2 = scale_log2 * q_scale
+    return q, q2, q_sum, tl.zeros(q.shape, dtype=tl.float32), acc2, scale_log2
 
 
 @triton.jit
@@ -81,20 +98,73 @@ def store_rows(rows_ptr, acc, acc2, denom, row_ok, HEAD_DIM: tl.constexpr, QUANT
 
 
 @triton.jit
-def _nibbles_as(x, dtype: tl.constexpr):
-    """(offset + x in `dtype`, offset) for uint8 `x` in 0..15. A half type gets its value by
-    setting the low mantissa bits under an exponent worth `offset` (128 for bfloat16, 1024 for
-    float16): a bit operation instead of two conversions; float32 converts (offset 0)."""
-    if dtype == tl.bfloat16:
-        values = (x.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        offset = 128.0
-    elif dtype == tl.float16:
-        values = (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        offset = 1024.0
+def _int8_as_f16(x):
+    """x + INT8_OFFSET in float16 for int8 x: the byte's sign bit flipped, under float16's
+    exponent for 1024 (in PTX one xor and two byte permutes a four bytes)."""
+    if _PTX:
+        y = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; xor.b32 t, $2, 0x80808080;"
+            " prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; }",
+            "=r,=r,r",
+            [x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
     else:
-        values = x.to(dtype)
+        y = ((x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(
+            tl.float16, bitcast=True
+        )
+    return y
+
+
+@triton.jit
+def _nibbles_as(x, dtype: tl.constexpr):
+    """(offset + low nibbles, offset + high nibbles, offset) of uint8 `x` in `dtype`. A half
+    type gets its values by setting the low mantissa bits under an exponent worth `offset` (128
+    for bfloat16, 1024 for float16), in PTX two byte permutes a four bytes per half; float32
+    converts (offset 0)."""
+    if dtype == tl.float32:
+        low = (x & 15).to(dtype)
+        high = (x >> 4).to(dtype)
         offset = 0.0
-    return values, offset
+    elif _PTX:
+        # $0-$1 take the low nibbles' four values, $2-$3 the high ones', $4 holds the bytes.
+        if dtype == tl.bfloat16:
+            low, high = tl.inline_asm_elementwise(
+                "{ .reg .b32 l, h; and.b32 l, $4, 0x0F0F0F0F; shr.b32 h, $4, 4;"
+                " and.b32 h, h, 0x0F0F0F0F;"
+                " prmt.b32 $0, l, 0x43434343, 0x5140; prmt.b32 $1, l, 0x43434343, 0x7362;"
+                " prmt.b32 $2, h, 0x43434343, 0x5140; prmt.b32 $3, h, 0x43434343, 0x7362; }",
+                "=r,=r,=r,=r,r",
+                [x],
+                dtype=(tl.bfloat16, tl.bfloat16),
+                is_pure=True,
+                pack=4,
+            )
+            offset = 128.0
+        else:
+            low, high = tl.inline_asm_elementwise(
+                "{ .reg .b32 l, h; and.b32 l, $4, 0x0F0F0F0F; shr.b32 h, $4, 4;"
+                " and.b32 h, h, 0x0F0F0F0F;"
+                " prmt.b32 $0, l, 0x64646464, 0x5140; prmt.b32 $1, l, 0x64646464, 0x7362;"
+                " prmt.b32 $2, h, 0x64646464, 0x5140; prmt.b32 $3, h, 0x64646464, 0x7362; }",
+                "=r,=r,=r,=r,r",
+                [x],
+                dtype=(tl.float16, tl.float16),
+                is_pure=True,
+                pack=4,
+            )
+            offset = 1024.0
+    elif dtype == tl.bfloat16:
+        low = ((x & 15).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        high = ((x >> 4).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        offset = 128.0
+    else:
+        low = ((x & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        high = ((x >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        offset = 1024.0
+    return low, high, offset
 
 
 @triton.jit
@@ -147,7 +217,9 @@ def attend_tile(
     one, so its rows are used as two halves, never interleaved: `q`/`acc` are the first half of
     the queries and the output, `q2`/`acc2` the second. A key's zero point adds zero * sum(q)
     (`q_sum`, float32 per row) to its scores, a value's adds sum(p * zero) to the output.
-    Otherwise `q`/`acc` are whole and `q2`/`acc2` unused.
+    Otherwise `q`/`acc` are whole and `acc2` unused; an int8 cache under a half dtype takes `q`
+    rescaled in float16 against keys widened there as x + INT8_OFFSET (whose share, `q_sum`,
+    leaves the scores) and `q2`, the rows as loaded, only for its dtype.
     """
     pos = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM // 2) if QUANT == 4 else tl.arange(0, HEAD_DIM)
@@ -184,12 +256,16 @@ def attend_tile(
         else:
             k_zero = tl.load(ks_base + where + 1)
             v_zero = tl.load(vs_base + where + 1)
-        low, offset = _nibbles_as(k & 15, q.dtype)
-        high, _ = _nibbles_as(k >> 4, q.dtype)
+        low, high, offset = _nibbles_as(k, q.dtype)
         s = tl.dot(q, tl.trans(low), input_precision=DOT_PRECISION)
         s = tl.dot(q2, tl.trans(high), s, input_precision=DOT_PRECISION)
         k_zero = (k_zero - offset * k_scale) * scale_log2  # the offset's share of the scores too
         s = s * (k_scale * scale_log2)[None, :] + q_sum[:, None] * k_zero[None, :]
+    elif QUANT and q.dtype == tl.float16:
+        # Half-type queries come in float16 (`load_queries`): the keys widen to it in a byte
+        # permute, their offset leaving with q_sum.
+        s = tl.dot(q, tl.trans(_int8_as_f16(k)), input_precision=DOT_PRECISION)
+        s = (s - q_sum[:, None]) * (k_scale * scale_log2)[None, :]
     elif QUANT:
         k = k.to(q.dtype)  # int8 values are exact in every float type
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * scale_log2)[None, :]
@@ -209,8 +285,7 @@ def attend_tile(
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0) if MASK_VALUES else tl.load(v_ptrs)
     if QUANT == 4:
         scaled = (p * v_scale[None, :]).to(q.dtype)
-        low, offset = _nibbles_as(v & 15, q.dtype)
-        high, _ = _nibbles_as(v >> 4, q.dtype)
+        low, high, offset = _nibbles_as(v, q.dtype)
         # The zero points' share, less the offset's (which meets the same rounded weights).
         shifted = tl.sum(p * v_zero[None, :] - offset * scaled.to(tl.float32), 1)[:, None]
         pv = tl.dot(scaled, low, input_precision=DOT_PRECISION)
@@ -219,7 +294,7 @@ def attend_tile(
         pv += shifted
     elif QUANT:
         p = p * v_scale[None, :]
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        pv = tl.dot(p.to(q2.dtype), v.to(q2.dtype), input_precision=DOT_PRECISION)
     else:
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv

@@ -103,7 +103,7 @@ def _prefill_kernel(
     heads = kv_head * GROUP + member
     token = (q_start + tok).to(tl.int64)
     q_rows = q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh
-    q, q2, q_sum, acc, acc2 = load_queries(q_rows, row_ok, HEAD_DIM, QUANT)
+    q, q2, q_sum, acc, acc2, scale_log2 = load_queries(q_rows, row_ok, scale_log2, HEAD_DIM, QUANT)
     q_pos = cached + tok
 
     # Keys past the tile's last query are invisible to all its rows.

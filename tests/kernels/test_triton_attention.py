@@ -225,6 +225,34 @@ def test_quantized_cache_prefill(dtype: torch.dtype, quant_policy: int) -> None:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("sign", [-1, 1])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_int8_cache_half_queries_of_any_magnitude(
+    kernel: str, dtype: torch.dtype, sign: int
+) -> None:
+    """Under a half dtype the int8 path rescales each tile's queries to a largest value of 256
+    in float16 (`load_queries`): queries far from 1 (bfloat16's beyond float16's range), with
+    the scale moved the other way, give the same attention without overflowing or flushing to
+    zero there."""
+    magnitude = (1e3 if dtype == torch.float16 else 1e6) ** sign
+    b = paged_batch(DECODES if kernel == "decode" else MIXED, num_heads=8, num_kv_heads=2,
+                    head_dim=64, block_size=16, dtype=dtype, quant_policy=8)  # fmt: skip
+    q = (b.q.float() * magnitude).to(dtype)
+    scale = 64**-0.5 / magnitude
+    tables, lens = b.meta.block_tables, b.meta.seq_lens
+    if kernel == "decode":
+        out = paged_decode_attention(q, b.k_cache, b.v_cache, tables, lens, scale, num_splits=2,
+                                     kv_scales=b.kv_scales, out=nan_like(q))  # fmt: skip
+    else:
+        out = paged_prefill_attention(q, b.k_cache, b.v_cache, tables, lens,
+                                      b.meta.query_start_loc, scale, kv_scales=b.kv_scales,
+                                      out=nan_like(q))  # fmt: skip
+    ref = paged_attention_ref(q, b.k_cache, b.v_cache, b.meta, scale, kv_scales=b.kv_scales)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **close(dtype))
+
+
 @QUANTIZED
 def test_quantized_cache_sliding_window(quant_policy: int) -> None:
     shape = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "block_size": 16}
