@@ -62,9 +62,9 @@ def test_decode_tiles_by_row_width_and_cache_type() -> None:
 
 def test_prefill_tiles_by_row_width_and_cache_type() -> None:
     assert prefill_tiles(128, 4, 2) == (64, 4, 64, 8, 3)  # bf16 head_dim 128, GQA 4
-    assert prefill_tiles(128, 4, 2, 8) == (32, 4, 32, 4, 1)  # int8: widened in registers
-    assert prefill_tiles(128, 4, 2, 4) == (32, 4, 32, 4, 1)  # int4 the same
-    assert prefill_tiles(128, 1, 4, 8) == (64, 1, 32, 4, 1)  # float32 rows: half as many
+    assert prefill_tiles(128, 4, 2, 8) == (16, 4, 64, 4, 1)  # int8: widened in registers
+    assert prefill_tiles(128, 4, 2, 4) == (16, 4, 64, 4, 1)  # int4 the same
+    assert prefill_tiles(128, 1, 4, 8) == (32, 1, 64, 4, 1)  # float32 rows: half as many
 
 
 # Every launch setting the decode sweep may pick computes the same attention, masked tail
