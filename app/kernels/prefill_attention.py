@@ -149,10 +149,13 @@ def prefill_tiles(
     head_dim 64 eight warps: 1.3-1.5x and 1.2x faster on an H200 (`bench/kernels.py
     --only prefill-sweep`, GQA 4). A quantized cache's tiles (`quant` 8 or 4) are widened in
     registers before the dot: half the query rows, 64 keys, 4 warps and no load pipelining, 8-22%
-    faster than 32 keys at the full rows for int8 and int4 on an H100 (head_dim 128, GQA 4)."""
+    faster than 32 keys at the full rows on an H100 (GQA 4) for int8 and for int4 at head_dim
+    128; int4 at head_dim 64 ran 1-22% slower that way and keeps the full rows and 32 keys."""
     group_pad = triton.next_power_of_2(group)
     wide = head_dim * elem_size > 256
     block_q = max(1, (64 if wide else 128) // group_pad)
+    if quant == 4 and head_dim < 128:
+        return block_q, group_pad, 32, 4, 1
     if quant:
         return max(1, (32 if wide else 64) // group_pad), group_pad, 64, 4, 1
     if elem_size == 2 and head_dim == 128:

@@ -64,6 +64,8 @@ def test_prefill_tiles_by_row_width_and_cache_type() -> None:
     assert prefill_tiles(128, 4, 2) == (64, 4, 64, 8, 3)  # bf16 head_dim 128, GQA 4
     assert prefill_tiles(128, 4, 2, 8) == (16, 4, 64, 4, 1)  # int8: widened in registers
     assert prefill_tiles(128, 4, 2, 4) == (16, 4, 64, 4, 1)  # int4 the same
+    assert prefill_tiles(64, 4, 2, 8) == (16, 4, 64, 4, 1)
+    assert prefill_tiles(64, 4, 2, 4) == (32, 4, 32, 4, 1)  # int4 head_dim 64: full rows
     assert prefill_tiles(128, 1, 4, 8) == (32, 1, 64, 4, 1)  # float32 rows: half as many
 
 
