@@ -157,7 +157,7 @@ def prefill_tiles(
     if quant == 4 and head_dim < 128:
         return block_q, group_pad, 32, 4, 1
     if quant:
-        return max(1, (32 if wide else 64) // group_pad), group_pad, 64, 4, 1
+        return max(1, block_q // 2), group_pad, 64, 4, 1
     if elem_size == 2 and head_dim == 128:
         return max(1, 256 // group_pad), group_pad, 64, 8, 3
     if elem_size == 2 and head_dim == 64:
