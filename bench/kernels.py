@@ -385,7 +385,7 @@ class Bench:
             self.record("decode attn", case, run, run_ref, work, "GB/s")
             return
         ref = run_ref()
-        chosen = decode_tiles(s.head_dim * q.element_size(), quant_policy)
+        chosen = decode_tiles(s.head_dim * q.element_size(), quant_policy, batch_size)
         timed = []
         for setting in DECODE_GRID:
             try:

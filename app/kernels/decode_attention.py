@@ -31,6 +31,11 @@ from app.kernels.paged_tile import (
 MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # resident at once: bf16 head_dim 128 takes 128 registers per thread
+# Tiles of this many keys or more end a split on a half tile where the rest fits in one: a
+# context of 384 then reads 256 + 128 keys, not two tiles of 256. Given to int8's 128-key tiles,
+# the second tile's code cost them 2-4% at batch 128-256 on an H100, so they go without.
+HALF_TAIL_KEYS = 256
+WIDE_INT4_SEQS = 16  # int4 tiles take 256 keys from this many sequences on (`decode_tiles`)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -89,6 +94,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HALF_TAIL: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
@@ -128,6 +134,17 @@ def _decode_split_kernel(
             ks_base, vs_base, stride_sb, stride_ss,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, QUANT, ALIGNED,
         )  # fmt: skip
+    # The rest of the split fits in half a tile: read that much. The outer `if` is static, so
+    # kernels without HALF_TAIL compile no half tile.
+    if HALF_TAIL:  # noqa: SIM102
+        if (full_end < end) & (end - full_end <= BLOCK_N // 2):
+            acc, acc2, row_max, row_sum = attend_tile(
+                q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, full_end,
+                end, q_pos, window, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
+                stride_vd, ks_base, vs_base, stride_sb, stride_ss,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N // 2, True, DOT_PRECISION, QUANT, ALIGNED,
+            )  # fmt: skip
+            full_end = end
     if full_end < end:
         acc, acc2, row_max, row_sum = attend_tile(
             q, q2, q_sum, acc, acc2, row_max, row_sum, k_base, v_base, table_row, full_end, end,
@@ -187,15 +204,18 @@ def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:
     return torch.argsort(seq_lens, descending=True)
 
 
-def decode_tiles(row_bytes: int, quant: int = 0) -> tuple[int, int, int]:
+def decode_tiles(row_bytes: int, quant: int = 0, num_seqs: int = 1) -> tuple[int, int, int]:
     """(keys per tile, warps, stages): 64 keys for rows of up to 256 bytes (bf16 head_dim 128),
     32 for wider ones, twice as many from an int8 or int4 cache (`quant` 8 or 4), whose tiles are
-    a half or a quarter of the bytes (int8: 1.2-1.3x faster on an H100 at batch 64-512); 4 warps,
-    2 load stages. Swept on an H200 (`bench/kernels.py --only decode-sweep`), bf16 tiles ran
-    0.4-2.5% faster with 2 stages than with Triton's 3; int4 tiles of 256 keys 4-7% faster at
-    batch 16 x 2,048 and 256 x 4,096 but slower at 512 x 384, short contexts at full batch being
-    what the engine's decode steps mostly are."""
+    a half or a quarter of the bytes, and twice again for int4 over `num_seqs` >= WIDE_INT4_SEQS;
+    4 warps, 2 load stages. Swept (`bench/kernels.py --only decode-sweep`): bf16 tiles ran
+    0.4-2.5% faster with 2 stages than with Triton's 3 on an H200. On an H100, int4 tiles of 256
+    keys ending on half tiles ran 7-16% faster than 128 from batch 16 x 2,048 to 256 x 4,096,
+    level at batch 16-64 over short contexts, 3-4% slower at 256-512 x 384 and 12-29% slower at
+    batch 1-4 x 1,024, where they leave half of the few splits without keys."""
     keys = (64 if row_bytes <= 256 else 32) * (2 if quant else 1)
+    if quant == 4 and num_seqs >= WIDE_INT4_SEQS:
+        keys *= 2
     return keys, 4, 2
 
 
@@ -236,7 +256,7 @@ def paged_decode_attention(
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, num_sms)
     group = num_heads // num_kv_heads
     quant = quant_bits(k_cache, kv_scales)
-    block_n, warps, stages = tiles or decode_tiles(head_dim * q.element_size(), quant)
+    block_n, warps, stages = tiles or decode_tiles(head_dim * q.element_size(), quant, num_seqs)
     single = num_splits == 1
     part_out = part_lse = out  # unused by the single-split kernel; any tensor fills the slot
     if not single:
@@ -261,6 +281,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
+        HALF_TAIL=block_n >= HALF_TAIL_KEYS,
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
         QUANT=quant,

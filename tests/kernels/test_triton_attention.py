@@ -57,7 +57,8 @@ def test_decode_tiles_by_row_width_and_cache_type() -> None:
     assert decode_tiles(256) == (64, 4, 2)  # bf16 head_dim 128
     assert decode_tiles(512) == (32, 4, 2)  # float32 head_dim 128
     assert decode_tiles(256, 8) == (128, 4, 2)  # int8 tiles: twice the keys
-    assert decode_tiles(256, 4) == (128, 4, 2)  # int4 the same
+    assert decode_tiles(256, 4) == (128, 4, 2)  # int4 the same for a few sequences
+    assert decode_tiles(256, 4, 16) == (256, 4, 2)  # and twice again for many
 
 
 def test_prefill_tiles_by_row_width_and_cache_type() -> None:
@@ -70,13 +71,15 @@ def test_prefill_tiles_by_row_width_and_cache_type() -> None:
 
 
 # Every launch setting the decode sweep may pick computes the same attention, masked tail
-# tiles (keys not a multiple of the tile) and splits included.
-@pytest.mark.parametrize("tiles", [(32, 4, 1), (128, 8, 3)])
+# tiles (keys not a multiple of the tile) and splits included. Tiles of 256 keys end a split on
+# a half tile where the rest fits in one (17 and 100 keys, the last 44 of 300), on a whole one
+# where not (180, 250).
+@pytest.mark.parametrize("tiles", [(32, 4, 1), (128, 8, 3), (256, 4, 2)])
 @pytest.mark.parametrize("quant_policy", [0, 8, 4])
 def test_decode_launch_settings(tiles: tuple[int, int, int], quant_policy: int) -> None:
     _decode(
-        DECODES, splits=3, tiles=tiles, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
-        dtype=torch.float32, quant_policy=quant_policy,
+        [*DECODES, (180, 1), (300, 1)], splits=3, tiles=tiles, num_heads=8, num_kv_heads=2,
+        head_dim=64, block_size=16, dtype=torch.float32, quant_policy=quant_policy,
     )  # fmt: skip
 
 
