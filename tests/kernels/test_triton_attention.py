@@ -221,6 +221,16 @@ def test_quantized_cache_decode(splits: int, dtype: torch.dtype, quant_policy: i
     )  # fmt: skip
 
 
+# From 16 sequences on an int4 cache's default tiles take 256 keys, ending on half tiles.
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_int4_cache_decode_many_sequences(splits: int, dtype: torch.dtype) -> None:
+    _decode(
+        [*DECODES, (180, 1), (300, 1)] * 3, splits=splits, num_heads=4, num_kv_heads=1,
+        head_dim=64, block_size=16, dtype=dtype, quant_policy=4,
+    )  # fmt: skip
+
+
 @QUANTIZED
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
 def test_quantized_cache_prefill(dtype: torch.dtype, quant_policy: int) -> None:
