@@ -20,6 +20,10 @@ pytestmark = needs_triton
 
 # Context lengths spanning one, several and a partial key tile (BLOCK_N is 64 or 32).
 DECODES = [(1, 1), (17, 1), (100, 1), (250, 1)]
+# With contexts past a 128-key tile: in 3 splits, tiles of 256 keys end a split on a half tile
+# where the rest fits in one (17 and 100 keys, the last 44 of 300), on a whole one where not
+# (180, 250).
+HALF_TAILS = [*DECODES, (180, 1), (300, 1)]
 # (context after this step, new tokens): a decode, a whole prompt, a chunk after a cached
 # prefix, a first-token decode, a chunk ending mid-block, a prompt of exactly one key tile and
 # a chunk whose first query sits one key short of a whole unmasked tile.
@@ -71,15 +75,13 @@ def test_prefill_tiles_by_row_width_and_cache_type() -> None:
 
 
 # Every launch setting the decode sweep may pick computes the same attention, masked tail
-# tiles (keys not a multiple of the tile) and splits included. Tiles of 256 keys end a split on
-# a half tile where the rest fits in one (17 and 100 keys, the last 44 of 300), on a whole one
-# where not (180, 250).
+# tiles (keys not a multiple of the tile), half tails and splits included.
 @pytest.mark.parametrize("tiles", [(32, 4, 1), (128, 8, 3), (256, 4, 2)])
 @pytest.mark.parametrize("quant_policy", [0, 8, 4])
 def test_decode_launch_settings(tiles: tuple[int, int, int], quant_policy: int) -> None:
     _decode(
-        [*DECODES, (180, 1), (300, 1)], splits=3, tiles=tiles, num_heads=8, num_kv_heads=2,
-        head_dim=64, block_size=16, dtype=torch.float32, quant_policy=quant_policy,
+        HALF_TAILS, splits=3, tiles=tiles, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+        dtype=torch.float32, quant_policy=quant_policy,
     )  # fmt: skip
 
 
@@ -226,8 +228,8 @@ def test_quantized_cache_decode(splits: int, dtype: torch.dtype, quant_policy: i
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
 def test_int4_cache_decode_many_sequences(splits: int, dtype: torch.dtype) -> None:
     _decode(
-        [*DECODES, (180, 1), (300, 1)] * 3, splits=splits, num_heads=4, num_kv_heads=1,
-        head_dim=64, block_size=16, dtype=dtype, quant_policy=4,
+        HALF_TAILS * 3, splits=splits, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
+        dtype=dtype, quant_policy=4,
     )  # fmt: skip
 
 
