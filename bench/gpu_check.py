@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repository root replaces this script's folder, whose `kernels.py` would shadow the
+# `kernels` package that transformers imports.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from app.engine.trace import TRACE_ENV
 from bench.common import write_word_tokenizer

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repository root replaces this script's folder, whose `kernels.py` would shadow the
+# `kernels` package that transformers imports.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from app.engine.block_manager import BlockManager
 from app.engine.config import SamplingParams
