@@ -29,7 +29,8 @@ import torch
 
 # The repository root replaces this script's folder, whose `kernels.py` would shadow the
 # `kernels` package that transformers imports.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.engine.trace import TRACE_ENV
 from bench.common import write_word_tokenizer

@@ -21,7 +21,8 @@ import numpy as np
 
 # The repository root replaces this script's folder, whose `kernels.py` would shadow the
 # `kernels` package that transformers imports.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.engine.block_manager import BlockManager
 from app.engine.config import SamplingParams

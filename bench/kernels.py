@@ -37,7 +37,8 @@ import triton
 
 # The repository root replaces this script's folder, whose `kernels.py` would shadow the
 # `kernels` package that transformers imports.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.engine.models.layers import RopeConfig, RotaryEmbedding
 from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton

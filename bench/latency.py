@@ -21,7 +21,8 @@ import torch
 
 # The repository root replaces this script's folder, whose `kernels.py` would shadow the
 # `kernels` package that transformers imports.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_model_dir, describe_device
 from bench.kernel_profile import KernelProfile
