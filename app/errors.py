@@ -102,10 +102,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+    # An empty body is missing at ("body", None).
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", None) and not _is_union_tag(p)]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":
+        if param is None:  # the body itself: nothing was sent
+            return "the request body is empty; a JSON object is expected", None
         return f"'{param}' is a required field", param
     if not loc:
         return f"invalid request body: {message}", None

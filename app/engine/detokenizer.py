@@ -34,6 +34,7 @@ class IncrementalDetokenizer:
         spaces_between_special_tokens: bool = True,
         stop_strings: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
@@ -51,6 +52,9 @@ class IncrementalDetokenizer:
         self._stop_starts = frozenset(stop[0] for stop in self._stops)
         self._max_stop = max((len(stop) for stop in self._stops), default=0)
         self._include_stop = include_stop_str_in_output
+        # As vLLM's min_tokens: stop strings count only from the step that brings the output to
+        # this many tokens; text released before then is never taken back.
+        self._tokens_before_stops = min_tokens
         self._held = ""  # decoded text withheld because it could begin a stop string
         self._text = ""
         self._stopped = False
@@ -64,6 +68,7 @@ class IncrementalDetokenizer:
         """Feed new tokens; returns (text released now, whether a stop string appeared)."""
         if self._stopped:
             return "", True
+        self._tokens_before_stops -= len(new_token_ids)
         pieces: list[str] = []
         for token_id in new_token_ids:
             if token_id not in self._special_ids:
@@ -148,7 +153,7 @@ class IncrementalDetokenizer:
     def _release(self, delta: str, final: bool) -> tuple[str, bool]:
         pending = self._held + delta
         keep = 0
-        if self._stops:
+        if self._stops and self._tokens_before_stops <= 0:
             hit = self._find_stop(pending)
             if hit is not None:
                 start, stop = hit

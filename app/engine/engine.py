@@ -241,6 +241,7 @@ class AsyncEngine:
                     spaces_between_special_tokens=params.spaces_between_special_tokens,
                     stop_strings=params.stop_strings,
                     include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_new_tokens,
                 ),
             )
             for seq in seqs

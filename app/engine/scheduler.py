@@ -137,6 +137,10 @@ class Scheduler:
         """End `seq`: free its blocks, or hand them to its session. `code` names an error the
         request caused (a client error)."""
         if seq.is_finished:
+            # The detokenizer found a stop string in the token that reached the length limit:
+            # the request stopped there.
+            if reason is FinishReason.STOP and seq.finish_reason is FinishReason.LENGTH:
+                seq.finish_reason = reason
             return
         was_running = seq.status is SequenceStatus.RUNNING
         seq.finish(reason, message, code)

@@ -7,6 +7,7 @@ naming the field, before anything is allocated.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
@@ -29,7 +31,8 @@ def _no_nul(value: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(_no_nul)]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit() also takes "²" and "١"
+Probability = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
 
 
 class _Body(BaseModel):
@@ -113,14 +116,14 @@ class SamplingFields(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(None, ge=-1)
     min_p: Probability | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: StrictFloat | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, StrictFloat] | None = None
     stop: Text | list[Text] | None = None
     stop_token_ids: list[StrictInt] | None = None
     seed: StrictInt | None = None
@@ -140,7 +143,7 @@ class SamplingFields(_Body):
     @classmethod
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
@@ -180,10 +183,10 @@ class InteractiveRequest(_Body):
     stream: StrictBool = False
     stop: Text | list[Text] | None = None
     request_output_len: StrictInt | None = Field(None, ge=1)
-    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    top_p: StrictFloat = Field(0.8, gt=0.0, le=1.0)
     top_k: StrictInt = Field(40, ge=-1)
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    temperature: StrictFloat = Field(0.8, ge=0.0, le=2.0)
+    repetition_penalty: StrictFloat = Field(1.0, gt=0.0, le=10.0)
     min_p: Probability = 0.0
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True

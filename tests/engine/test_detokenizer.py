@@ -192,6 +192,18 @@ def test_flush_releases_a_dangling_stop_prefix(smol: PreTrainedTokenizerBase) ->
     assert detok.text == "Count: one, two, thr"
 
 
+def test_stop_strings_count_from_min_tokens(smol: PreTrainedTokenizerBase) -> None:
+    ids = smol.encode("Hello world, hello moon", add_special_tokens=False)
+    assert smol.decode(ids[:2]) == "Hello world"
+    for chunks in ((), (3,)):  # the step that reaches the minimum is searched whole
+        detok = IncrementalDetokenizer(smol, [], stop_strings=["ell"], min_tokens=2)
+        deltas, stopped = stream(detok, ids, chunks)
+        assert stopped and detok.text == ("Hello world, h" if not chunks else "H")
+    detok = IncrementalDetokenizer(smol, [], stop_strings=["moon"], min_tokens=len(ids) + 1)
+    deltas, stopped = stream(detok, ids)
+    assert not stopped and "".join(deltas) == "Hello world, hello moon"
+
+
 def test_stop_inside_one_token_and_multiple_stops(smol: PreTrainedTokenizerBase) -> None:
     ids = smol.encode("Hello world, hello moon", add_special_tokens=False)
     detok = IncrementalDetokenizer(smol, [], stop_strings=["moon", "ell"])

@@ -3,6 +3,7 @@ batch, the chunking, the prefix cache or preemption; and the counters that prove
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,27 @@ def test_stop_words_never_appear(pipe: Pipeline) -> None:
         )
     )
     assert streamed == stopped.text
+
+
+def test_a_stop_word_on_the_last_allowed_token_stops(pipe: Pipeline) -> None:
+    prompt, word = "What is the capital of France?", "Paris"
+    plain = pipe(prompt, gen_config=GREEDY)
+    ids = plain.token_ids
+    last = next(n for n in range(1, len(ids) + 1) if word in pipe.tokenizer.decode(ids[:n]))
+    for budget, reason in ((last, "stop"), (last - 1, "length")):
+        config = GenerationConfig(max_new_tokens=budget, top_k=1, stop_words=[word])
+        assert pipe(prompt, gen_config=config).finish_reason == reason
+        finals = [r.finish_reason for r in pipe.stream_infer([prompt], gen_config=config)]
+        assert finals[-1] == reason and not any(finals[:-1])
+
+
+def test_stop_words_wait_for_min_new_tokens(pipe: Pipeline) -> None:
+    prompt = "What is the capital of France?"
+    config = GenerationConfig(max_new_tokens=8, top_k=1, stop_words=["The"])
+    first = pipe(prompt, gen_config=config)
+    assert (first.text, first.finish_reason) == ("", "stop")
+    later = pipe(prompt, gen_config=replace(config, min_new_tokens=2))
+    assert later.text.startswith("The capital")
 
 
 def test_streaming_keeps_utf8_intact(pipe: Pipeline) -> None:

@@ -49,7 +49,7 @@ CASES: dict[str, Case] = {
     "malformed-json": Case(raw('{"messages": [')),
     "non-object-body": Case(raw("[1, 2, 3]")),
     "string-body": Case(raw('"hello"')),
-    "empty-body": Case(b""),
+    "empty-body": Case(b"", mentions=("empty",)),
     "messages-wrong-type": Case(chat(messages="hello"), param="messages"),
     "max-tokens-string": Case(chat(max_tokens="10"), param="max_tokens"),
     "stream-wrong-type": Case(chat(stream="yes"), param="stream"),
@@ -92,6 +92,12 @@ CASES: dict[str, Case] = {
     "presence-penalty": Case(chat(presence_penalty=5.0), param="presence_penalty"),
     "frequency-penalty": Case(chat(frequency_penalty=-3.0), param="frequency_penalty"),
     "repetition-penalty-zero": Case(chat(repetition_penalty=0.0), param="repetition_penalty"),
+    "temperature-bool": Case(chat(temperature=True), param="temperature"),
+    "top-p-string": Case(chat(top_p="1"), param="top_p"),
+    "presence-penalty-bool": Case(chat(presence_penalty=False), param="presence_penalty"),
+    "interactive-temperature-string": Case(
+        {"prompt": "hi", "temperature": "0.1"}, path=INTERACTIVE, param="temperature"
+    ),
     "temperature-nan": Case(raw(f'{{"messages": {json.dumps(HELLO)}, "temperature": NaN}}')),
     "top-p-infinity": Case(raw(f'{{"messages": {json.dumps(HELLO)}, "top_p": Infinity}}')),
     "temperature-overflow": Case(raw(f'{{"messages": {json.dumps(HELLO)}, "temperature": 1e999}}')),
@@ -107,6 +113,12 @@ CASES: dict[str, Case] = {
     "logit-bias-key-huge": Case(chat(logit_bias={"9" * 40: 1}), param="logit_bias"),
     "logit-bias-value-too-big": Case(chat(logit_bias={"5": 500}), param="logit_bias"),
     "logit-bias-value-not-a-number": Case(chat(logit_bias={"5": "x"}), param="logit_bias"),
+    "logit-bias-value-string": Case(chat(logit_bias={"5": "5"}), param="logit_bias"),
+    # str.isdigit() takes superscripts and other scripts' digits; int() refuses the first.
+    "logit-bias-key-superscript": Case(chat(logit_bias={"\u00b2": 1}), param="logit_bias"),
+    "logit-bias-key-arabic-indic": Case(
+        completion(logit_bias={"\u0661": 1}), path=COMPLETIONS, param="logit_bias"
+    ),
     "too-many-stop-strings": Case(chat(stop=[f"s{i}" for i in range(17)]), param="stop"),
     "stop-string-too-long": Case(chat(stop=["x" * 300]), param="stop"),
     "stop-string-empty": Case(chat(stop=[""]), param="stop"),
