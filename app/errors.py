@@ -98,8 +98,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    # Our own validators explain more than "not a valid string" from another union member.
-    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    # Our own validators explain more than "not a valid string" from another union member,
+    # and of the rest the deepest error is the member the input came closest to.
+    first = next((e for e in errors if e.get("type") == "value_error"), None) or max(
+        errors, key=lambda e: len(e.get("loc", ()))
+    )
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     # An empty body is missing at ("body", None).

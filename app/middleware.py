@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
+from fastapi import HTTPException
 
 from app.errors import error_response
 
@@ -59,8 +60,12 @@ def bearer_key_ok(authorization: str, keys: Iterable[str]) -> bool:
     return found
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised while the body streams in: FastAPI passes HTTP exceptions through its body
+    parsing (any other error there becomes its 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body exceeds {limit} bytes")
 
 
 class Gate:
@@ -128,7 +133,7 @@ class Gate:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -138,11 +143,9 @@ class Gate:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except BodyTooLarge as exc:
             if not started:
-                await error_response(413, f"the request body exceeds {limit} bytes")(
-                    scope, receive, send
-                )
+                await error_response(413, exc.detail)(scope, receive, send)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         return bearer_key_ok(headers.get("authorization", ""), self.state.settings.server.api_keys)

@@ -62,9 +62,9 @@ def register(router: APIRouter, ctx: Any) -> None:
                 )
             except ChatTemplateError as exc:
                 raise APIError(400, str(exc), param="messages") from None
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = await gen.encode(tokenizer, text, add_special_tokens=False)
         else:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await gen.encode(tokenizer, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @router.post("/detokenize")
@@ -82,14 +82,14 @@ def register(router: APIRouter, ctx: Any) -> None:
     async def encode(body: EncodeRequest) -> dict[str, Any]:
         texts = [body.input] if isinstance(body.input, str) else body.input
 
-        def one(text: str) -> list[int]:
+        async def one(text: str) -> list[int]:
             if body.do_preprocess:
                 text = ctx.template.render([{"role": "user", "content": text}])
-                return tokenizer.encode(text, add_special_tokens=False)
-            return tokenizer.encode(text, add_special_tokens=body.add_bos)
+                return await gen.encode(tokenizer, text, add_special_tokens=False)
+            return await gen.encode(tokenizer, text, add_special_tokens=body.add_bos)
 
         try:
-            ids = [one(t) for t in texts]
+            ids = [await one(t) for t in texts]
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="input") from None
         if isinstance(body.input, str):

@@ -29,6 +29,18 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
+# Texts this long are tokenized in a worker thread: 4 MB take ~3 s, during which the event loop
+# would stream nothing (the Rust tokenizer releases the GIL).
+THREAD_ENCODE_CHARS = 50_000
+
+
+async def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """`text`'s token ids, off the event loop when it is long."""
+    if len(text) < THREAD_ENCODE_CHARS:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+
 def check_model(ctx: Any, model: str | None) -> None:
     if model is not None and model != ctx.model_name:
         raise APIError(
@@ -74,6 +86,23 @@ def max_tokens_for(
     return asked
 
 
+def check_stops(ctx: Any, stop: str | list[str] | None) -> list[str]:
+    """A request's stop strings as a list, within the server's count and length limits."""
+    cfg = ctx.engine.config
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > cfg.max_stop_strings:
+        raise APIError(
+            400,
+            f"at most {cfg.max_stop_strings} stop strings are allowed, got {len(stops)}",
+            param="stop",
+        )
+    if any(not 0 < len(text) <= cfg.max_stop_string_len for text in stops):
+        raise APIError(
+            400, f"stop strings must be 1 to {cfg.max_stop_string_len} characters long", "stop"
+        )
+    return stops
+
+
 def check_limits(ctx: Any, body: SamplingFields, logprobs: int | None, logprobs_param: str) -> None:
     """The engine's per-request limits, checked here so that the error names the field."""
     cfg, vocab = ctx.engine.config, ctx.engine.info.vocab_size
@@ -84,17 +113,6 @@ def check_limits(ctx: Any, body: SamplingFields, logprobs: int | None, logprobs_
             400,
             f"{logprobs_param} is {logprobs}, above this server's limit of {cfg.max_logprobs}",
             param=logprobs_param,
-        )
-    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    if len(stops) > cfg.max_stop_strings:
-        raise APIError(
-            400,
-            f"at most {cfg.max_stop_strings} stop strings are allowed, got {len(stops)}",
-            param="stop",
-        )
-    if any(not 0 < len(stop) <= cfg.max_stop_string_len for stop in stops):
-        raise APIError(
-            400, f"stop strings must be 1 to {cfg.max_stop_string_len} characters long", "stop"
         )
     for name, ids in (
         ("logit_bias", [int(k) for k in body.logit_bias or {}]),
@@ -117,7 +135,7 @@ def sampling_params(
 ) -> SamplingParams:
     """Map an OpenAI-style body onto SamplingParams, validated against the engine's limits."""
     check_limits(ctx, body, logprobs, logprobs_param)
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stops = check_stops(ctx, body.stop)
     if body.min_tokens > max_tokens:
         raise APIError(
             400,

@@ -42,14 +42,14 @@ def register(router: APIRouter, ctx: Any) -> None:
     engine = ctx.engine
     tokenizer = engine.tokenizer
 
-    def prompt_ids(body: InteractiveRequest, session_id: int) -> list[int]:
+    async def prompt_ids(body: InteractiveRequest, session_id: int) -> list[int]:
         messages = _messages(body.prompt)
         tail = engine.session_tail(session_id) if body.interactive_mode else None
         try:
             text = ctx.template.render_turn(messages, tail)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="prompt") from None
-        return tokenizer.encode(text, add_special_tokens=False)
+        return await gen.encode(tokenizer, text, add_special_tokens=False)
 
     @router.post("/v1/chat/interactive")
     async def chat_interactive(body: InteractiveRequest, request: Request) -> Any:
@@ -76,9 +76,15 @@ def register(router: APIRouter, ctx: Any) -> None:
                 "finish_reason": "abort",
                 "session_id": session_id,
             }
+        session = engine.scheduler.sessions.get(session_id)
+        ending = not body.interactive_mode and body.prompt in ("", [])  # lmdeploy's way to end
+        # A turn on a busy session gets 409 and leaves the running turn alone; only ending the
+        # session aborts that turn.
+        if session is not None and session.busy_request is not None and not ending:
+            raise _busy(session_id)
         if not body.interactive_mode:
             existed = engine.end_session(session_id)
-            if body.prompt in ("", []):  # lmdeploy's way to end a session
+            if ending:
                 if not existed:
                     raise APIError(404, f"session {session_id} does not exist", param="session_id")
                 return {
@@ -90,15 +96,13 @@ def register(router: APIRouter, ctx: Any) -> None:
                     "session_id": session_id,
                 }
         session = engine.scheduler.sessions.get(session_id)
-        if session is not None and session.busy_request is not None:
-            raise _busy(session_id)
-        ids = prompt_ids(body, session_id)
+        ids = await prompt_ids(body, session_id)
         history = len(session.history) if session is not None else 0
         room = engine.max_model_len - history - len(ids)
         # lmdeploy clients send request_output_len=512 by default: clamp it to the cap, not 400.
         if ctx.settings.server.max_tokens_cap:
             room = min(room, ctx.settings.server.max_tokens_cap)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = gen.check_stops(ctx, body.stop)
         params = SamplingParams(
             max_new_tokens=max(1, min(body.request_output_len or room, room)),
             temperature=body.temperature,

@@ -48,7 +48,7 @@ def register(router: APIRouter, ctx: Any) -> None:
             ],
         }
 
-    def render_chat(body: ChatCompletionRequest) -> list[int]:
+    async def render_chat(body: ChatCompletionRequest) -> list[int]:
         template = ctx.template
         if body.chat_template is not None or body.chat_template_kwargs:
             if not ctx.settings.server.allow_request_chat_template:
@@ -72,14 +72,14 @@ def register(router: APIRouter, ctx: Any) -> None:
             )
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        return tokenizer.encode(text, add_special_tokens=False)
+        return await gen.encode(tokenizer, text, add_special_tokens=False)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         gen.check_model(ctx, body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        prompt_ids = render_chat(body)
+        prompt_ids = await render_chat(body)
         asked, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             asked, param = body.max_completion_tokens, "max_completion_tokens"
@@ -126,7 +126,7 @@ def register(router: APIRouter, ctx: Any) -> None:
             raise APIError(400, "suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of different from n is not supported", param="best_of")
-        prompts = _completion_prompts(tokenizer, body.prompt)
+        prompts = await _completion_prompts(tokenizer, body.prompt)
         longest = max(len(p) for p in prompts)
         max_tokens = gen.max_tokens_for(
             ctx, longest, body.max_tokens, prompt_param="prompt", default=16
@@ -161,7 +161,7 @@ def register(router: APIRouter, ctx: Any) -> None:
         )
 
 
-def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
+async def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -170,7 +170,7 @@ def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
         return [list(prompt)]
     prompts = []
     for item in prompt:
-        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        ids = await gen.encode(tokenizer, item) if isinstance(item, str) else list(item)
         if not ids:
             raise APIError(400, "prompt is empty", param="prompt")
         prompts.append(ids)

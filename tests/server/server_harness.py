@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,11 @@ class Server:
         auth: bool = True,
         timeout: float = 60,
     ) -> Reply:
-        """One raw request; `body` is bytes as given, anything else is sent as JSON."""
+        """One raw request; `body` is bytes as given, an iterator of bytes is sent in chunks
+        (no Content-Length), anything else is sent as JSON."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        raw = body is None or isinstance(body, bytes | Iterator)
+        data = body if raw else json.dumps(body).encode()
         sent = {"Content-Type": "application/json", **(self.auth() if auth else {})}
         sent.update(headers or {})
         try:

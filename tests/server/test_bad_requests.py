@@ -4,6 +4,8 @@ OpenAI error body that leaks nothing, and the next good request still succeeds."
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +204,10 @@ CASES: dict[str, Case] = {
         status=404,
         param="session_id",
     ),
+    "session-stop-empty": Case({"prompt": "hi", "stop": [""]}, path=INTERACTIVE, param="stop"),
+    "session-unknown-role": Case(
+        {"prompt": [{"role": "wizard", "content": "hi"}]}, path=INTERACTIVE, mentions=("role",)
+    ),
     "session-output-len-zero": Case(
         {"session_id": 5, "prompt": "hi", "request_output_len": 0}, path=INTERACTIVE
     ),
@@ -283,6 +289,30 @@ def test_auth_on_every_route_but_health(
     reply = tiny_server.request(method, path, body, credentials, auth=False)
     error = assert_error_body(reply, 401)
     assert error["code"] == "invalid_api_key"
+
+
+def test_oversize_body_in_chunks_gets_413(tiny_server: Server) -> None:
+    filler = b"a " * 2**16
+    chunks = iter([b'{"prompt": "', *[filler] * 40, b'"}'])  # 5 MiB without a Content-Length
+    assert_error_body(tiny_server.post(COMPLETIONS, chunks), 413)
+    assert_still_serving(tiny_server)
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny_server: Server) -> None:
+    """A prompt near the body limit of a token per two bytes takes about a second to tokenize
+    (and is then refused as over the context); /health answers meanwhile."""
+    body = completion(prompt="1 2 3 4 " * 128_000)
+    replies: list[Reply] = []
+    worker = threading.Thread(target=lambda: replies.append(tiny_server.post(COMPLETIONS, body)))
+    worker.start()
+    latencies = []
+    while worker.is_alive():
+        start = time.perf_counter()
+        assert tiny_server.health() == 200
+        latencies.append(time.perf_counter() - start)
+    worker.join()
+    assert "1024000" in assert_error_body(replies[0], 400)["message"]
+    assert latencies and max(latencies) < 0.5, latencies
 
 
 def test_health_needs_no_key_and_the_key_opens_the_rest(tiny_server: Server) -> None:

@@ -118,15 +118,22 @@ def long_turn(session_id: int, prompt: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def test_concurrent_turn_gets_409_and_session_survives(server: Server) -> None:
+# A second turn, one that keeps the session or one that would start it over, leaves the
+# running turn alone.
+@pytest.mark.parametrize(("session_id", "interactive"), [(301, True), (302, False)])
+def test_concurrent_turn_gets_409_and_session_survives(
+    server: Server, session_id: int, interactive: bool
+) -> None:
     async def run() -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
         async with aiohttp.ClientSession() as session:
             url = server.url + "/v1/chat/interactive"
-            async with session.post(url, json=long_turn(301, unique("Go on."))) as first:
+            async with session.post(url, json=long_turn(session_id, unique("Go on."))) as first:
                 head = json.loads(await first.content.readline())
-                async with session.post(
-                    url, json={"session_id": 301, "prompt": "interrupt", "interactive_mode": True}
-                ) as second:
+                second_turn = {
+                    "session_id": session_id, "prompt": "interrupt",
+                    "interactive_mode": interactive,
+                }  # fmt: skip
+                async with session.post(url, json=second_turn) as second:
                     status, error = second.status, await second.json()
                 lines = [head, *await read_ndjson(first)]
         return lines, status, error
@@ -135,7 +142,7 @@ def test_concurrent_turn_gets_409_and_session_survives(server: Server) -> None:
     assert status == 409
     assert set(error["error"]) == {"message", "type", "param", "code"}
     assert lines[-1]["finish_reason"] == "length" and lines[-1]["tokens"] == 120
-    after = turn(server, 301, "Next.", request_output_len=4)
+    after = turn(server, session_id, "Next.", request_output_len=4)
     assert after["history_tokens"] == lines[-1]["input_tokens"] + 120
 
 
