@@ -237,17 +237,22 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     return tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
 
-def token_to_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
-    """One token's text for logprob listings; a token that is not whole UTF-8 shows its bytes
-    as `bytes:\\xe4\\xbd` (OpenAI's form). Never raises."""
+def token_listing(tokenizer: PreTrainedTokenizerBase, token_id: int) -> tuple[str, bytes]:
+    """One token's text for logprob listings, and the bytes it stands for; a token that is not
+    whole UTF-8 shows its bytes as `bytes:\\xe4\\xbd` (OpenAI's form). Never raises."""
     try:
         data = token_bytes(tokenizer, token_id)
     except Exception:  # a listing must not fail a request over one odd token
-        return f"token_id:{token_id}"
+        return f"token_id:{token_id}", b""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), data
     except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data), data
+
+
+def token_to_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """`token_listing`'s text alone."""
+    return token_listing(tokenizer, token_id)[0]
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -33,7 +33,7 @@ class RequestOutput:
     completion_tokens: int  # cumulative
     cached_tokens: int  # prompt tokens whose KV was reused (prefix cache, sibling or session)
     history_tokens: int = 0  # a session's tokens before this turn
-    prompt_logprobs: list[float] | None = None  # on the last delta, when asked for
+    prompt_logprobs: list[float] | None = None  # on a sample's first delta, when asked for
     # output_logits / output_last_hidden_state, on the last delta: float32 [rows, vocab or
     # hidden], one row per generated token ("generation") or per position ("all").
     logits: torch.Tensor | None = None
@@ -56,6 +56,7 @@ class RequestOutput:
             text=self.text + later.text,
             token_ids=[*self.token_ids, *later.token_ids],
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
         )
 
 
@@ -64,6 +65,7 @@ class SampleState:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     done: bool = False
+    started: bool = False  # a delta was sent
     undecoded: list[int] = field(default_factory=list)  # sampled, not yet turned into text
     # Without streaming, the whole answer is gathered here and sent once, at the end.
     text: list[str] = field(default_factory=list)
@@ -106,6 +108,7 @@ class RequestState:
             sample.done = True
         elif not text and not token_ids:
             return
+        started, sample.started = sample.started, True
         self.queue.put_nowait(
             RequestOutput(
                 request_id=self.request_id,
@@ -118,8 +121,9 @@ class RequestState:
                 completion_tokens=seq.num_output_tokens,
                 cached_tokens=seq.num_cached_tokens,
                 history_tokens=self.history_len,
-                prompt_logprobs=seq.prompt_logprobs
-                if finish and seq.params.prompt_logprobs
+                # Complete once the first token is sampled; siblings share the first sample's.
+                prompt_logprobs=(seq.parent or seq).prompt_logprobs
+                if seq.params.prompt_logprobs and not started
                 else None,
                 logits=_kept(seq, seq.kept_logits, seq.params.output_logits) if finish else None,
                 last_hidden_state=(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import orjson
 from sse_starlette import EventSourceResponse
 
-from app.engine.detokenizer import token_to_text
+from app.engine.detokenizer import token_listing
 from app.engine.engine import RequestOutput
 from app.engine.outputs import TokenLogprob
 from app.errors import APIError, error_body
@@ -18,8 +19,8 @@ log = logging.getLogger("splitfuse.server")
 
 
 def _logprob_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
-    text = token_to_text(tokenizer, token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    text, data = token_listing(tokenizer, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(data)}
 
 
 def chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -33,10 +34,26 @@ def chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob] | None) -> dict[s
     return {"content": content}
 
 
+class TextOffsets:
+    """Where each token of one completion starts in its text, in characters: the tokens' bytes
+    are decoded as they come, so a token inside a multi-byte character starts where that
+    character does."""
+
+    def __init__(self) -> None:
+        self._chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, data: bytes) -> int:
+        """The offset of a token of these bytes, which the text then holds."""
+        start = self._chars
+        self._chars += len(self._decoder.decode(data))
+        return start
+
+
 def completion_logprobs(
     tokenizer: Any,
     logprobs: list[TokenLogprob] | None,
-    offset: int,
+    offsets: TextOffsets,
     prompt: tuple[list[int], list[float]] | None = None,
 ) -> dict[str, Any] | None:
     """The legacy shape; `prompt` (ids, logprobs of ids[1:]) leads it when echo asks for it."""
@@ -45,31 +62,30 @@ def completion_logprobs(
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []
-    offsets: list[int] = []
+    text_offset: list[int] = []
 
-    def add(text: str, value: float | None, top: dict[str, float] | None) -> None:
-        nonlocal offset
+    def add(token_id: int, value: float | None, top: dict[str, float] | None) -> None:
+        text, data = token_listing(tokenizer, token_id)
         tokens.append(text)
         values.append(value)
-        tops.append(top)
-        offsets.append(offset)
-        offset += len(text)
+        tops.append(top if top != {} else {text: value})
+        text_offset.append(offsets.advance(data))
 
     if prompt is not None:
         ids, prompt_values = prompt
         for i, token_id in enumerate(ids):
-            text = token_to_text(tokenizer, token_id)
-            # The first prompt token has no context, so no logprob (as OpenAI answers).
+            # The first prompt token has no context, so no logprob (as OpenAI answers); the
+            # others list themselves as their top logprobs ({} here).
             value = prompt_values[i - 1] if 0 < i <= len(prompt_values) else None
-            add(text, value, None if value is None else {text: value})
+            add(token_id, value, None if value is None else {})
     for lp in logprobs:
-        top = {token_to_text(tokenizer, t): v for t, v in lp.top}
-        add(token_to_text(tokenizer, lp.token_id), lp.logprob, top or None)
+        top = {token_listing(tokenizer, t)[0]: v for t, v in lp.top}
+        add(lp.token_id, lp.logprob, top or None)
     return {
         "tokens": tokens,
         "token_logprobs": values,
         "top_logprobs": tops,
-        "text_offset": offsets,
+        "text_offset": text_offset,
     }
 
 

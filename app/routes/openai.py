@@ -9,12 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app.chat_template import ChatTemplateError
-from app.engine.detokenizer import token_to_text
 from app.engine.engine import RequestOutput
 from app.engine.outputs import TokenLogprob
 from app.errors import APIError
 from app.routes import generation as gen
 from app.routes.formatting import (
+    TextOffsets,
     Usage,
     chat_logprobs,
     completion_logprobs,
@@ -151,6 +151,7 @@ def register(router: APIRouter, ctx: Any) -> None:
                     params.n,
                     prompts,
                     body.echo,
+                    echo_logprobs,
                     opts.include_usage if opts else False,
                     opts.continuous_usage_stats if opts else False,
                 )
@@ -250,7 +251,7 @@ def _completion_response(
     echoed = [tokenizer.decode(p) if echo else "" for p in prompts]
     texts = [echoed[slot // n] for slot in range(count)]
     logprobs: list[list[TokenLogprob] | None] = [None] * count
-    prompt_logprobs: dict[int, list[float]] = {}
+    prompt_logprobs: list[list[float]] = [[] for _ in range(count)]
     finish: list[Any] = [None] * count
     usage = Usage(sum(len(p) for p in prompts))
     for p, out in outputs:
@@ -259,24 +260,18 @@ def _completion_response(
         texts[slot] += out.text
         if out.logprobs is not None:
             logprobs[slot] = (logprobs[slot] or []) + out.logprobs
+        if out.prompt_logprobs is not None:
+            prompt_logprobs[slot] = out.prompt_logprobs
         if out.finished:
             _raise_if_error(out)
             finish[slot] = out.finish_reason
-            # The first sample computed the whole prompt; its siblings reused its KV.
-            if out.index == 0 and out.prompt_logprobs is not None:
-                prompt_logprobs[p] = out.prompt_logprobs
     choices = []
     for slot in range(count):
-        p = slot // n
         if echo_logprobs:
-            lp = completion_logprobs(
-                tokenizer, logprobs[slot] or [], 0, (prompts[p], prompt_logprobs.get(p, []))
-            )
+            prompt = (prompts[slot // n], prompt_logprobs[slot])
+            lp = completion_logprobs(tokenizer, logprobs[slot] or [], TextOffsets(), prompt)
         else:
-            offset = len(texts[slot]) - sum(
-                len(token_to_text(tokenizer, x.token_id)) for x in logprobs[slot] or []
-            )
-            lp = completion_logprobs(tokenizer, logprobs[slot], offset)
+            lp = completion_logprobs(tokenizer, logprobs[slot], TextOffsets())
         choices.append(
             {"index": slot, "text": texts[slot], "logprobs": lp, "finish_reason": finish[slot]}
         )

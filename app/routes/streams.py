@@ -3,12 +3,19 @@ finish_reason once on its last chunk, then the optional usage chunk (sse() adds 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from app.engine.engine import RequestOutput
 from app.routes.chat_output import ChoiceParser
-from app.routes.formatting import Usage, chat_logprobs, completion_logprobs, engine_error
+from app.routes.formatting import (
+    TextOffsets,
+    Usage,
+    chat_logprobs,
+    completion_logprobs,
+    engine_error,
+)
 
 
 async def chat_chunks(
@@ -67,32 +74,38 @@ async def completion_chunks(
     n: int,
     prompts: list[list[int]],
     echo: bool,
+    echo_logprobs: bool,
     include_usage: bool,
     continuous: bool,
 ) -> AsyncIterator[dict[str, Any]]:
     tokenizer = ctx.engine.tokenizer
     base = {**head, "model": ctx.model_name, "system_fingerprint": None}
     usage = Usage(sum(len(p) for p in prompts))
-    offsets: dict[int, int] = {}
+    offsets: defaultdict[int, TextOffsets] = defaultdict(TextOffsets)
 
     def chunk(slot: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
         choice = {"index": slot, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {**base, "choices": [choice], **({"usage": usage.body()} if continuous else {})}
 
-    if echo:
-        for slot in range(n * len(prompts)):
-            text = tokenizer.decode(prompts[slot // n])
-            offsets[slot] = len(text)
-            yield chunk(slot, text, None, None)
+    # With logprobs, a prompt's echo waits for its logprobs, which come on a sample's first delta.
+    unechoed = set(range(n * len(prompts))) if echo else set()
+    if not echo_logprobs:
+        for slot in sorted(unechoed):
+            yield chunk(slot, tokenizer.decode(prompts[slot // n]), None, None)
+        unechoed.clear()
     async for p, out in outputs:
         slot = p * n + out.index
         usage.add(p, out)
         if out.finish_reason == "error":
             yield engine_error(out)
             return
+        if slot in unechoed:
+            unechoed.discard(slot)
+            prompt = (prompts[p], out.prompt_logprobs or [])
+            logprobs = completion_logprobs(tokenizer, [], offsets[slot], prompt)
+            yield chunk(slot, tokenizer.decode(prompts[p]), logprobs, None)
         if out.text or out.logprobs or out.finished:
-            logprobs = completion_logprobs(tokenizer, out.logprobs, offsets.get(slot, 0))
-            offsets[slot] = offsets.get(slot, 0) + len(out.text)
+            logprobs = completion_logprobs(tokenizer, out.logprobs, offsets[slot])
             yield chunk(slot, out.text, logprobs, out.finish_reason)
     if include_usage:
         yield {**base, "choices": [], "usage": usage.body()}

@@ -231,3 +231,48 @@ def test_max_completion_tokens_and_min_tokens(server: Server, client: openai.Ope
     )
     # "The capital of France is Paris." and its end-of-turn token are 8: EOS waits for 11.
     assert longer.usage.completion_tokens >= 11
+
+
+EMOJI_PROMPT = "Emoji party: 🎉🎉🎉"
+
+
+def test_chat_logprob_bytes_rebuild_the_content(server: Server, client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": EMOJI_PROMPT}],
+        temperature=0,
+        max_tokens=12,
+        logprobs=True,
+    )
+    content = reply.choices[0].logprobs.content
+    assert any(entry.token.startswith("bytes:") for entry in content)  # a character split
+    data = b"".join(bytes(entry.bytes) for entry in content)
+    assert data.decode("utf-8", errors="replace") == reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_completion_text_offsets_streamed_and_not(
+    server: Server, client: openai.OpenAI, echo: bool
+) -> None:
+    common = dict(
+        model=server.model, prompt=EMOJI_PROMPT, temperature=0, max_tokens=6, logprobs=1, echo=echo
+    )
+    whole = client.completions.create(**common)
+    text, lp = whole.choices[0].text, whole.choices[0].logprobs
+    assert any(token.startswith("bytes:") for token in lp.tokens)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[-1] < len(text)
+    for token, offset in zip(lp.tokens, lp.text_offset, strict=True):
+        if not token.startswith("bytes:"):
+            assert text[offset : offset + len(token)] == token
+    tokens, offsets, values, streamed = [], [], [], ""
+    for chunk in client.completions.create(**common, stream=True):
+        choice = chunk.choices[0]
+        streamed += choice.text
+        if choice.logprobs is not None:
+            tokens += choice.logprobs.tokens
+            offsets += choice.logprobs.text_offset
+            values += choice.logprobs.token_logprobs
+    assert streamed == text
+    assert (tokens, offsets) == (lp.tokens, lp.text_offset)
+    assert values == pytest.approx(lp.token_logprobs, abs=1e-4)
