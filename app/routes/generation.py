@@ -195,6 +195,13 @@ def validate(
 def admit(ctx: Any, num_sequences: int) -> None:
     """All-or-nothing admission against the queue cap, counting n > 1 as n."""
     cap = ctx.settings.server.max_queued_requests
+    if num_sequences > cap:  # no wait would make room: not a 429 to retry
+        raise APIError(
+            400,
+            f"this request asks for {num_sequences} sequences (n times the prompts); the "
+            f"server queues at most {cap}",
+            param="n",
+        )
     if ctx.pending + num_sequences > cap:
         raise APIError(
             429,

@@ -104,10 +104,14 @@ def test_queue_cap_is_all_or_nothing_and_counts_n(queue_server: Server) -> None:
                     assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
                 response.close()
             await asyncio.to_thread(server.wait_for, lambda m: m[WAITING] == 0)
-            # n counts as n, all or nothing: n=4 does not fit, and nothing of it is queued.
+            # n counts as n, all or nothing: n=4 can never fit the queue of three (400, not a
+            # 429 to retry), and nothing of it is queued.
             too_many = await open_stream(session, server, {**SHORT, "n": 4})
-            assert too_many.status == 429
+            assert too_many.status == 400
+            assert (await too_many.json())["error"]["param"] == "n"
             assert server.metrics()[WAITING] == 0
+            two_prompts = {**SHORT, "prompt": ["one", "two"], "n": 2}
+            assert (await open_stream(session, server, two_prompts)).status == 400
             fits = await open_stream(session, server, {**SHORT, "n": 3})
             assert fits.status == 200
             await asyncio.to_thread(server.wait_for, lambda m: m[WAITING] == 3)
