@@ -30,6 +30,7 @@ from app.engine.cuda_graphs import stage_decode_rows
 from app.engine.scheduler import Scheduler, StepOutput
 from app.engine.sequence import Sequence
 from app.engine.sessions import SessionManager
+from bench.args import positive_int
 
 
 def decode_batch(batch: int, context: int, block_size: int) -> Scheduler:
@@ -76,11 +77,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--context", type=int, default=384)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--context", type=positive_int, default=384)
+    parser.add_argument("--block-size", type=positive_int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = [run(args) for _ in range(args.repeat)]

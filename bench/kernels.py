@@ -51,6 +51,7 @@ from app.kernels.norm import (
     rms_norm_triton,
 )
 from app.kernels.rotary import rotary_and_cache_ref, rotary_and_cache_triton
+from bench.args import int_list, positive_int
 from bench.attention_bench import AttentionBench
 from bench.common import describe_device
 from bench.kernel_cases import GEMV_GRID, SHAPES, TINY
@@ -63,6 +64,32 @@ from bench.kernel_timing import (
     kv_label,
     timed_setting,
 )
+
+GROUPS = [
+    "decode", "decode-sweep", "decode-ragged", "prefill", "prefill-sweep", "elementwise", "gemv",
+    "gemm", "gemv-sweep", "overlap",
+]  # fmt: skip
+
+
+def kv_policy(text: str) -> int:
+    """A KV cache's quant_policy: 0 (the model's dtype), 8 or 4."""
+    if text not in ("0", "8", "4"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a KV cache: 0, 8 or 4")
+    return int(text)
+
+
+def ragged_cases(text: str) -> tuple[tuple[int, int, int], ...]:
+    """Comma-separated BATCH:SHORTEST:LONGEST, 1 <= SHORTEST <= LONGEST."""
+    cases = []
+    for case in text.split(","):
+        try:
+            batch, shortest, longest = (positive_int(n) for n in case.split(":"))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{case!r} is not BATCH:SHORTEST:LONGEST") from None
+        if shortest > longest:
+            raise argparse.ArgumentTypeError(f"{case!r}: SHORTEST is above LONGEST")
+        cases.append((batch, shortest, longest))
+    return tuple(cases)
 
 
 class Bench(AttentionBench):
@@ -186,14 +213,17 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument(
-        "--only", default="decode,prefill,elementwise,gemv", help="comma-separated groups to run"
+        "--only",
+        default="decode,prefill,elementwise,gemv",
+        help=f"comma-separated groups to run, of: {', '.join(GROUPS)}",
     )
     parser.add_argument(
-        "--gemm-rows", default=None, help="comma-separated token counts for --only gemm"
+        "--gemm-rows", type=int_list(), default=None, help="comma-separated token counts"
     )
     parser.add_argument(
         "--kv",
-        default="0,8,4",
+        type=int_list(kv_policy),
+        default=[0, 8, 4],
         help="comma-separated KV caches (quant_policy) for the attention and rope cases: "
         "0 model dtype, 8 int8, 4 int4",
     )
@@ -204,6 +234,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--ragged",
+        type=ragged_cases,
         default=None,
         help="comma-separated BATCH:SHORTEST:LONGEST cases for --only decode-ragged",
     )
@@ -214,24 +245,29 @@ def main() -> None:
         help="the activations' dtype (default bfloat16 on a GPU, float16 on the CPU)",
     )
     args = parser.parse_args()
+    groups = set(args.only.split(","))
+    if not groups <= set(GROUPS):
+        parser.error(f"unknown --only groups {sorted(groups - set(GROUPS))}; known: {GROUPS}")
+    shapes = TINY if args.tiny else SHAPES[args.shapes]
+    names = [name for name, _ in shapes.prefill]
+    unknown = set(args.sweep_cases.split(",")) - set(names) if args.sweep_cases else set()
+    if unknown:
+        parser.error(f"unknown --sweep-cases {sorted(unknown)}; known: {names}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The interpreter cannot multiply bf16 in tl.dot (triton-lang/triton#11584): fp16 on CPU.
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     if args.dtype:
         dtype = getattr(torch, args.dtype)
-    shapes = TINY if args.tiny else SHAPES[args.shapes]
     if args.gemm_rows:
-        shapes = replace(shapes, gemm_rows=tuple(int(n) for n in args.gemm_rows.split(",")))
+        shapes = replace(shapes, gemm_rows=tuple(args.gemm_rows))
     if args.sweep_cases:
         shapes = replace(shapes, prefill_sweep=tuple(args.sweep_cases.split(",")))
     if args.ragged:
-        cases = tuple(tuple(int(n) for n in case.split(":")) for case in args.ragged.split(","))
-        shapes = replace(shapes, decode_ragged=cases)
+        shapes = replace(shapes, decode_ragged=args.ragged)
     print(f"device: {describe_device()}, triton {triton.__version__}, {dtype}", flush=True)
     bench = Bench(shapes, dtype, device)
     print(HEADER)
-    groups = set(args.only.split(","))
-    for quant_policy in (int(n) for n in args.kv.split(",")):
+    for quant_policy in args.kv:
         for batch_size, context in shapes.decode if "decode" in groups else ():
             bench.decode(batch_size, context, quant_policy)
         for batch_size, context in shapes.decode_sweep if "decode-sweep" in groups else ():

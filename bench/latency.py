@@ -24,6 +24,7 @@ import torch
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.args import DTYPES, positive_int
 from bench.common import build_model_dir, describe_device
 from bench.kernel_profile import KernelProfile
 
@@ -102,10 +103,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--model-config", default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--input-len", type=positive_int, default=128)
+    parser.add_argument("--output-len", type=positive_int, default=256)
+    parser.add_argument("--runs", type=positive_int, default=5)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument(
         "--no-async-scheduling", action="store_true", help="schedule each step after the last"

@@ -17,11 +17,19 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+# The repository root replaces this script's folder, whose `kernels.py` would shadow the
+# `kernels` package that transformers imports.
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.args import non_negative_float, positive_int
 
 
 @dataclass
@@ -146,9 +154,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:23333")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--request-rate", type=float, default=16.0, help="requests/s; 0: all")
-    parser.add_argument("--num-prompts", type=int, default=500)
-    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument(
+        "--request-rate", type=non_negative_float, default=16.0, help="requests/s; 0: all"
+    )
+    parser.add_argument("--num-prompts", type=positive_int, default=500)
+    parser.add_argument("--max-len", type=positive_int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

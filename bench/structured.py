@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.args import DTYPES, positive_int
 from bench.common import build_model_dir, describe_device
 
 # JSON-ish text that never completes: every step fills a real mask over the whole vocabulary,
@@ -58,10 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--model-config", default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=48)
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32])
+    parser.add_argument("--input-len", type=positive_int, default=32)
+    parser.add_argument("--output-len", type=positive_int, default=48)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

@@ -29,6 +29,7 @@ import torch
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.args import DTYPES, non_negative_int, positive_int
 from bench.common import build_model_dir, describe_device
 from bench.kernel_profile import KernelProfile
 from bench.stacks import StackSampler
@@ -230,15 +231,18 @@ def main() -> None:
         help="random-weight model of a known shape: llama-3.1-8b, llama-3.2-1b",
     )
     parser.add_argument("--workload", default="custom", choices=["random-256", "mixed", "custom"])
-    parser.add_argument("--num-prompts", type=int, default=None)
-    parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-prompts", type=positive_int, default=None)
+    parser.add_argument("--input-len", type=positive_int, default=64)
+    parser.add_argument("--output-len", type=positive_int, default=32)
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument(
-        "--max-batch-size", type=int, default=0, help="0 (default): the engine's for the device"
+        "--max-batch-size",
+        type=non_negative_int,
+        default=0,
+        help="0 (default): the engine's for the device",
     )
-    parser.add_argument("--max-prefill-token-num", type=int, default=8192)
-    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--max-prefill-token-num", type=positive_int, default=8192)
+    parser.add_argument("--hf-batch-size", type=positive_int, default=16)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument(
         "--no-async-scheduling", action="store_true", help="schedule each step after the last"
@@ -257,7 +261,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--hf-num-prompts",
-        type=int,
+        type=positive_int,
         default=None,
         help="run transformers on only the first N requests (it is slow); "
         "rates are compared, not totals",

@@ -1,5 +1,6 @@
-"""The benchmark scripts start as their commands are written (`python bench/NAME.py`) and
-refuse wrong arguments with a one-line usage error before any model is built."""
+"""The benchmark scripts start as their commands are written (`python bench/NAME.py`), run on
+the bundled model, and refuse wrong arguments with a one-line usage error before any model is
+built."""
 
 from __future__ import annotations
 
@@ -29,6 +30,27 @@ def test_script_starts(script: str) -> None:
     result = run_bench(script, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage:")
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("throughput", ["--num-prompts", "-5"], "--num-prompts: -5 is below 1"),
+        ("throughput", ["--dtype", "int3"], "invalid choice"),
+        ("latency", ["--runs", "0"], "--runs: 0 is below 1"),
+        ("structured", ["--batch-sizes", "4", "0"], "--batch-sizes: 0 is below 1"),
+        ("host_step", ["--batch", "x"], "--batch: 'x' is not a number"),
+        ("serving", ["--request-rate", "nan"], "--request-rate: nan is below 0.0"),
+        ("kernels", ["--kv", "3"], "--kv: '3' is not a KV cache"),
+        ("kernels", ["--only", "decode,nothing"], "unknown --only groups ['nothing']"),
+        ("kernels", ["--ragged", "1:2"], "'1:2' is not BATCH:SHORTEST:LONGEST"),
+        ("kernels", ["--tiny", "--sweep-cases", "nope"], "unknown --sweep-cases ['nope']"),
+    ],
+)
+def test_wrong_arguments_are_one_line_errors(script: str, args: list[str], message: str) -> None:
+    result = run_bench(script, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
 
 
 # Run from its own folder, a script must not let `bench/kernels.py` shadow the `kernels`
