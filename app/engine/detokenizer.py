@@ -250,11 +250,6 @@ def token_listing(tokenizer: PreTrainedTokenizerBase, token_id: int) -> tuple[st
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data), data
 
 
-def token_to_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
-    """`token_listing`'s text alone."""
-    return token_listing(tokenizer, token_id)[0]
-
-
 def _byte_level_alphabet() -> dict[str, int]:
     """Byte-level BPE's printable stand-in for each byte: printable Latin-1 bytes stand for
     themselves, the rest are shifted past 255 in order."""

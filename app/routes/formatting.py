@@ -64,23 +64,24 @@ def completion_logprobs(
     tops: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
-    def add(token_id: int, value: float | None, top: dict[str, float] | None) -> None:
+    def add(token_id: int, value: float | None) -> str:
         text, data = token_listing(tokenizer, token_id)
         tokens.append(text)
         values.append(value)
-        tops.append(top if top != {} else {text: value})
         text_offset.append(offsets.advance(data))
+        return text
 
     if prompt is not None:
         ids, prompt_values = prompt
         for i, token_id in enumerate(ids):
             # The first prompt token has no context, so no logprob (as OpenAI answers); the
-            # others list themselves as their top logprobs ({} here).
+            # others list themselves as their top logprobs.
             value = prompt_values[i - 1] if 0 < i <= len(prompt_values) else None
-            add(token_id, value, None if value is None else {})
+            text = add(token_id, value)
+            tops.append(None if value is None else {text: value})
     for lp in logprobs:
-        top = {token_listing(tokenizer, t)[0]: v for t, v in lp.top}
-        add(lp.token_id, lp.logprob, top or None)
+        add(lp.token_id, lp.logprob)
+        tops.append({token_listing(tokenizer, t)[0]: v for t, v in lp.top} or None)
     return {
         "tokens": tokens,
         "token_logprobs": values,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from app.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_to_text
+from app.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_listing
 
 MIXED_TEXT = "Hello 你好，世界！🎉🚀 naïve café — ok 日本語のテキスト 👩‍👩‍👧 Ünïcödé ∑x² end."
 IM_START, IM_END = 1, 2
@@ -234,18 +234,20 @@ def test_special_tokens(smol: PreTrainedTokenizerBase) -> None:
     assert "".join(stream(detok, [IM_START, *hello, IM_END])[0]) == "<|im_start|> Hello <|im_end|>"
 
 
-def test_token_to_text(smol: PreTrainedTokenizerBase, llama_style: PreTrainedTokenizerBase) -> None:
+def test_token_listing(smol: PreTrainedTokenizerBase, llama_style: PreTrainedTokenizerBase) -> None:
     world = smol.encode(" world", add_special_tokens=False)
-    assert [token_to_text(smol, t) for t in world] == [" world"]
+    assert [token_listing(smol, t) for t in world] == [(" world", b" world")]
     half = smol.encode("你", add_special_tokens=False)
-    assert "".join(token_to_text(smol, t) for t in half).startswith("bytes:\\xe4")
-    assert token_to_text(smol, IM_END) == "<|im_end|>"
-    assert token_to_text(smol, 10**9) == ""
-    assert token_to_text(smol, -5) in ("", "token_id:-5")
+    listings = [token_listing(smol, t) for t in half]
+    assert "".join(text for text, _ in listings).startswith("bytes:\\xe4")
+    assert b"".join(data for _, data in listings) == "你".encode()
+    assert token_listing(smol, IM_END) == ("<|im_end|>", b"<|im_end|>")
+    assert token_listing(smol, 10**9) == ("", b"")
+    assert token_listing(smol, -5) in (("", b""), ("token_id:-5", b""))
     byte_e4, byte_a, hello = llama_style.convert_tokens_to_ids(["<0xE4>", "<0x41>", "\u2581Hello"])
-    assert token_to_text(llama_style, byte_e4) == "bytes:\\xe4"
-    assert token_to_text(llama_style, byte_a) == "A"
-    assert token_to_text(llama_style, hello) == " Hello"
+    assert token_listing(llama_style, byte_e4) == ("bytes:\\xe4", b"\xe4")
+    assert token_listing(llama_style, byte_a) == ("A", b"A")
+    assert token_listing(llama_style, hello) == (" Hello", b" Hello")
 
 
 @pytest.mark.parametrize("name", ["smol", "llama_style"])
