@@ -128,7 +128,7 @@ class Pipeline:
             if not prompt:
                 raise ValueError("the prompt is empty")
             if not do_preprocess:
-                return self.tokenizer.encode(prompt, add_special_tokens=tail is None)
+                return self.tokenizer.encode(_valid_text(prompt), add_special_tokens=tail is None)
             prompt = [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("a prompt is a non-empty string or a non-empty list of messages")
@@ -143,7 +143,7 @@ class Pipeline:
                     f"invalid message {message!r}: needs a role of system, user, assistant or tool"
                 )
         text = self.chat_template.render_turn(prompt, tail)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(_valid_text(text), add_special_tokens=False)
 
     def _requests(
         self,
@@ -171,8 +171,13 @@ class Pipeline:
         self, ids: list[int], config: GenerationConfig | None, session_id: int | None = None
     ) -> _Request:
         config = config or GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"gen_config must be a GenerationConfig, got {type(config).__name__}")
         params = config.to_sampling_params(self.tokenizer)
         self.engine.validate(ids, params, session_id)
+        # As lmdeploy's pipeline: one Response per prompt (the OpenAI server's n gives several).
+        if params.n != 1:
+            raise ValueError(f"n must be 1 in the pipeline, got {params.n}")
         grammar = None
         if config.response_format is not None:
             spec = GrammarSpec.from_response_format(config.response_format)
@@ -306,6 +311,8 @@ class Pipeline:
             max_new_tokens=1, temperature=0.0, prompt_logprobs=True, ignore_eos=True
         )
         for ids in batch:
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError("get_ppl takes a list of token ids or a list of such lists")
             if len(ids) < 2:
                 raise ValueError("get_ppl needs at least two tokens per sequence")
             self.engine.validate(ids, params)
@@ -332,6 +339,7 @@ class Pipeline:
 
     def _run(self, coro: Any) -> Any:
         if not self._loop.is_running():
+            coro.close()  # never awaited, and known not to be: no warning about it
             raise RuntimeError("the pipeline is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
@@ -370,6 +378,15 @@ def _logprob_dicts(logprobs: list[TokenLogprob] | None) -> list[dict[int, float]
     return [{lp.token_id: lp.logprob, **dict(lp.top)} for lp in logprobs]
 
 
+def _valid_text(text: str) -> str:
+    """`text`, if it is valid Unicode (a lone surrogate cannot be encoded to UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the prompt is not valid text: {exc.reason} at {exc.start}") from None
+    return text
+
+
 def _response(out: RequestOutput, input_len: int, index: int) -> Response:
     return Response(
         text=out.text,
@@ -399,14 +416,12 @@ async def _teed(
 
 
 async def _collect(stream: AsyncIterator[RequestOutput], input_len: int, index: int) -> Response:
-    """Join a request's deltas (the first sample's when n > 1) into one Response."""
+    """Join a request's deltas into one Response."""
     text: list[str] = []
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] = []
     last: RequestOutput | None = None
     async for out in stream:
-        if out.index != 0:
-            continue
         text.append(out.text)
         token_ids.extend(out.token_ids)
         logprobs.extend(out.logprobs or [])

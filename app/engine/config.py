@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,7 +22,10 @@ RowOutput = Literal["all", "generation"]
 def all_ints(values: Iterable[object]) -> bool:
     """Whether every value is an int, without a Python-level loop: token-id checks of whole
     prompts, which a 1000-prompt pipeline call makes before its first step."""
-    return all(map(isinstance, values, itertools.repeat(int)))
+    values = list(values)
+    return all(map(isinstance, values, itertools.repeat(int))) and not any(
+        map(isinstance, values, itertools.repeat(bool))
+    )
 
 
 def check_token_ids(ids: list[int], vocab_size: int) -> None:
@@ -132,6 +136,24 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _listed(value: Any, name: str, kind: type) -> tuple[Any, ...]:
+    """A GenerationConfig list field as a tuple: one value alone counts as a list of one."""
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, kind) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, kind) for v in items):
+        raise ValueError(f"{name} must be a list of {kind.__name__}, got {value!r}")
+    return tuple(items)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """One request's generation settings in token form; validated once, immutable afterwards."""
@@ -195,7 +217,25 @@ class SamplingParams:
         max_stop_strings: int = 16,
         max_stop_string_len: int = 256,
     ) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+        """Raise ValueError naming the first field of the wrong type or out of range."""
+        for name in ("n", "max_new_tokens", "min_new_tokens", "top_k"):
+            _check(_is_int(getattr(self, name)), f"{name} must be an integer")
+        for name in ("logprobs", "seed"):
+            value = getattr(self, name)
+            _check(value is None or _is_int(value), f"{name} must be an integer or None")
+        for name in (
+            "ignore_eos",
+            "prompt_logprobs",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+            "include_stop_str_in_output",
+        ):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be True or False")
+        # torch.Generator.manual_seed's range, as the HTTP routes check it.
+        _check(
+            self.seed is None or -(2**63) <= self.seed < 2**64,
+            f"seed must be in [-2**63, 2**64), got {self.seed}",
+        )
         for name in (
             "temperature",
             "top_p",
@@ -205,7 +245,7 @@ class SamplingParams:
             "frequency_penalty",
         ):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         _check(1 <= self.n <= max_n, f"n must be between 1 and {max_n}, got {self.n}")
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -255,17 +295,18 @@ class SamplingParams:
             f"at most {max_stop_strings} stop strings are allowed, got {len(self.stop_strings)}",
         )
         for stop in self.stop_strings:
+            _check(isinstance(stop, str), f"stop strings must be strings, got {stop!r}")
             _check(
                 0 < len(stop) <= max_stop_string_len,
                 f"stop strings must be 1 to {max_stop_string_len} characters long",
             )
         for token_id, bias in self.logit_bias:
             _check(
-                0 <= token_id < vocab_size,
+                _is_int(token_id) and 0 <= token_id < vocab_size,
                 f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})",
             )
             _check(
-                math.isfinite(bias) and -100.0 <= bias <= 100.0,
+                _is_number(bias) and math.isfinite(bias) and -100.0 <= bias <= 100.0,
                 f"logit_bias values must be in [-100, 100], got {bias}",
             )
         for label, ids in (
@@ -314,7 +355,7 @@ class GenerationConfig:
     def to_sampling_params(self, tokenizer: Any = None) -> SamplingParams:
         """Resolve words into token ids with `tokenizer` (needed for bad_words only)."""
         bad_words_ids: list[tuple[int, ...]] = []
-        for word in self.bad_words or []:
+        for word in _listed(self.bad_words, "bad_words", str):
             if tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer to resolve them into token ids")
             ids = tuple(tokenizer.encode(word, add_special_tokens=False))
@@ -332,11 +373,11 @@ class GenerationConfig:
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
-            bad_token_ids=tuple(self.bad_token_ids or ()),
+            logit_bias=_bias_pairs(self.logit_bias),
+            bad_token_ids=_listed(self.bad_token_ids, "bad_token_ids", int),
             bad_words_ids=tuple(bad_words_ids),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            stop_strings=tuple(self.stop_words or ()),
+            stop_token_ids=_listed(self.stop_token_ids, "stop_token_ids", int),
+            stop_strings=_listed(self.stop_words, "stop_words", str),
             ignore_eos=self.ignore_eos,
             seed=self.random_seed,
             logprobs=self.logprobs,
@@ -351,3 +392,21 @@ class GenerationConfig:
                 else tuple(self.logits_processors or ())
             ),
         )
+
+
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as (token id, bias) pairs; keys may be ids or their decimal strings."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
+    pairs = []
+    for key, value in bias.items():
+        if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key):
+            key = int(key)
+        if not _is_int(key):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if not _is_number(value):
+            raise ValueError(f"logit_bias values must be numbers, got {value!r}")
+        pairs.append((key, float(value)))
+    return tuple(pairs)

@@ -285,6 +285,21 @@ def test_logprobs_and_ppl(pipe: Pipeline, smollm2_dir: Path) -> None:
         ("Hi", GenerationConfig(temperature=-0.5), "temperature"),
         ("Hi", GenerationConfig(stop_token_ids=[10**9]), "stop_token_ids"),
         ("Hi", GenerationConfig(temperature=float("nan")), "temperature"),
+        # Wrong types, which would otherwise fail the engine step (and every request in it).
+        ("Hi", GenerationConfig(do_sample=True, random_seed=2**70), "seed"),
+        ("Hi", GenerationConfig(random_seed="7"), "seed"),
+        ("Hi", GenerationConfig(do_sample=True, top_k=2.5), "top_k"),
+        ("Hi", GenerationConfig(logprobs=True), "logprobs"),
+        ("Hi", GenerationConfig(n=2.0), "n must"),
+        ("Hi", GenerationConfig(max_new_tokens="5"), "max_new_tokens"),
+        ("Hi", GenerationConfig(skip_special_tokens="no"), "skip_special_tokens"),
+        ("Hi", GenerationConfig(temperature=True), "temperature"),
+        ("Hi", GenerationConfig(logit_bias={"x": 1}), "logit_bias"),
+        ("Hi", GenerationConfig(logit_bias=[1, 2]), "logit_bias"),
+        ("Hi", GenerationConfig(bad_words=[5]), "bad_words"),
+        ("Hi", GenerationConfig(n=2), "n must be 1"),  # one Response per prompt
+        ("a\ud800b", GREEDY, "not valid text"),
+        ([True, False], GREEDY, "invalid message True"),  # booleans are no token ids
     ],
 )
 def test_bad_inputs_raise_and_engine_keeps_serving(
@@ -293,6 +308,26 @@ def test_bad_inputs_raise_and_engine_keeps_serving(
     with pytest.raises(ValueError, match=message):
         pipe(prompt, gen_config=config)
     assert pipe("Hi", gen_config=GenerationConfig(max_new_tokens=2, top_k=1)).generate_token_len
+
+
+def test_a_bad_request_fails_alone(pipe: Pipeline) -> None:
+    good = pipe("Hi", gen_config=GenerationConfig(max_new_tokens=2, top_k=1))
+    with pytest.raises(TypeError, match="GenerationConfig"):
+        pipe("Hi", gen_config={"max_new_tokens": 2})
+    with pytest.raises(ValueError, match="token ids"):
+        pipe.get_ppl([1.0, 2.0])
+    configs = [GenerationConfig(max_new_tokens=2, top_k=1), GenerationConfig(random_seed=2**70)]
+    with pytest.raises(ValueError, match="seed"):  # all prompts are checked before any starts
+        pipe(["Hi", "Hi"], gen_config=configs)
+    assert pipe("Hi", gen_config=configs[0]).token_ids == good.token_ids
+
+
+def test_one_stop_word_or_token_id_alone(pipe: Pipeline) -> None:
+    prompt = "What is the capital of France?"
+    listed = pipe(prompt, gen_config=replace(GREEDY, stop_words=["Paris"], stop_token_ids=[7]))
+    alone = pipe(prompt, gen_config=replace(GREEDY, stop_words="Paris", stop_token_ids=7))
+    assert (alone.text, alone.finish_reason) == (listed.text, "stop")
+    assert "Paris" not in alone.text and alone.text.startswith("The capital")
 
 
 def test_prompt_longer_than_session_len(smollm2_dir: Path) -> None:
