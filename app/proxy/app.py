@@ -32,7 +32,7 @@ from app.proxy.nodes import (
     normalize_base_url,
     probe_node,
 )
-from app.proxy.strategies import Strategy
+from app.proxy.strategies import MAX_SPEED, MIN_SPEED, Strategy
 
 log = structlog.get_logger("splitfuse.proxy")
 
@@ -68,7 +68,7 @@ class NodeStatusIn(BaseModel):
     """The optional `status` of /nodes/add; the proxy learns models and load by itself."""
 
     model_config = ConfigDict(extra="ignore")
-    speed: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    speed: Annotated[float, Field(ge=MIN_SPEED, le=MAX_SPEED, allow_inf_nan=False)] | None = None
 
 
 class NodeIn(BaseModel):
@@ -81,7 +81,7 @@ class NodeIn(BaseModel):
 
 class Gate:
     """Gives each request an id (the client's X-Request-Id when sane) for logs and responses,
-    and checks the API key on every route but /health and /nodes/* (those take the admin key)."""
+    and checks the API key on every route but /health and /nodes/* (checked by their routes)."""
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]):
         self.app = app
@@ -116,11 +116,15 @@ Context = Annotated[ProxyContext, Depends(_context)]
 
 
 def _require_admin(request: Request, ctx: Context) -> None:
-    admin_key = ctx.config.admin_key
+    """The admin key when there is one; otherwise a loopback client, with an API key if any."""
+    authorization = request.headers.get("authorization", "")
+    admin_key, api_keys = ctx.config.admin_key, ctx.config.api_keys
     if admin_key:
-        if not bearer_key_ok(request.headers.get("authorization", ""), (admin_key,)):
+        if not bearer_key_ok(authorization, (admin_key,)):
             raise APIError(401, "invalid or missing admin key", code="invalid_api_key")
         return
+    if api_keys and not bearer_key_ok(authorization, api_keys):
+        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
     # The peer of the TCP connection, never a forwarded-for header a client could write.
     peer = request.scope.get("client")
     try:
@@ -216,7 +220,9 @@ def _add_node_routes(app: FastAPI) -> None:
             node = NodeIn.model_validate_json(await request.body())
         except ValidationError:
             raise APIError(
-                400, 'the body must be {"url": str, "status": {"speed": positive number}}'
+                400,
+                'the body must be {"url": str, "status": {"speed": number}}, '
+                f"with speed from {MIN_SPEED:g} to {MAX_SPEED:g}",
             ) from None
         url = _node_url(node.url, "url")
         try:

@@ -23,11 +23,28 @@ def _positive(value: str) -> float:
     return number
 
 
+def _port(value: str) -> int:
+    number = int(value)
+    # 0 lets the system pick a free port, as uvicorn does with it.
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {value}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return number
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the proxy's flags to `parser` (the `splitfuse proxy` sub-command)."""
     defaults = ProxyConfig()
     parser.add_argument("--host", "--server-name", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", "--server-port", type=int, default=8000, help="port to listen on")
+    parser.add_argument(
+        "--port", "--server-port", type=_port, default=8000, help="port to listen on"
+    )
     parser.add_argument(
         "--strategy",
         choices=[s.value for s in Strategy],
@@ -37,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-key",
         help=f"Bearer token for /nodes/*; default ${ADMIN_KEY_ENV}; "
-        "with none, only loopback clients may manage nodes",
+        "with none, only loopback clients (with an API key when there are some) manage nodes",
     )
     parser.add_argument(
         "--api-keys", nargs="*", default=[], help="Bearer tokens accepted on the /v1 routes"
@@ -77,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=_positive_int,
         default=defaults.max_body_bytes,
         help="largest request body accepted",
     )

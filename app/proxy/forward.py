@@ -121,8 +121,11 @@ class Forwarder:
         finally:
             if not isinstance(response, _Relay):
                 disconnect.cancel()
-        if session is not None and node is not None and response.status_code < 300:
-            self._track_session(session, payload, node.url)
+        if path == INTERACTIVE_PATH and node is not None and response.status_code < 300:
+            # A new session (no id, or -1) is numbered by the node: its answer tells which.
+            session = session or _answered_session(response)
+            if session is not None:
+                self._track_session(session, payload, node.url)
         return response
 
     async def _read_json(self, request: Request) -> tuple[dict[str, Any], bytes]:
@@ -213,6 +216,7 @@ class Forwarder:
                 return None, True
             except TimeoutError:
                 log.warning("node did not answer in time", node=node.url)
+                self.registry.request_failed(node, time.monotonic() - started)
                 return error_response(
                     504, "the node did not answer in time", code="upstream_timeout"
                 ), False
@@ -239,6 +243,12 @@ class Forwarder:
                 first = await resp.content.readany()
                 if not first:
                     raise aiohttp.ClientPayloadError("the node ended the stream at once")
+                # An ndjson stream's first line names its session: hold back all of that line.
+                while resp.content_type == "application/x-ndjson" and b"\n" not in first:
+                    more = await resp.content.readany()
+                    if not more:
+                        break
+                    first += more
                 return _Reply(resp, first, streaming=True)
             return _Reply(resp, await resp.read(), streaming=False)
         except BaseException:
@@ -262,6 +272,16 @@ def _session_key(payload: dict[str, Any]) -> str | None:
     return None
 
 
+def _answered_session(response: Response) -> str | None:
+    """The session id in a node's interactive answer: its JSON body or first ndjson line."""
+    data = response.first_chunk if isinstance(response, _Relay) else response.body
+    try:
+        answer = orjson.loads(data.split(b"\n", 1)[0])
+    except orjson.JSONDecodeError:
+        return None
+    return _session_key(answer) if isinstance(answer, dict) else None
+
+
 def _buffered(reply: _Reply) -> Response:
     return Response(reply.data, status_code=reply.resp.status, headers=reply.headers())
 
@@ -280,6 +300,7 @@ class _Relay(StreamingResponse):
         self._registry, self._node, self._reply = registry, node, reply
         self._started, self._disconnect = started, disconnect
         self._outcome = "client disconnected"
+        self.first_chunk = reply.data
         super().__init__(self._chunks(), status_code=reply.resp.status, headers=reply.headers())
 
     async def _chunks(self) -> AsyncIterator[bytes]:

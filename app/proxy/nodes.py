@@ -1,13 +1,14 @@
 """The proxy's node registry: which nodes exist, what they serve, how loaded and how healthy.
 
 A node that fails `max_failures` health checks in a row, or as many requests in a row (refused
-connections, 5xx), is ejected: kept but skipped. A passing health check restores it; one that
-stays ejected for `node_expiry` seconds is removed.
+connections, 5xx, timeouts), is ejected: kept but skipped. A passing health check restores it;
+one that stays ejected for `node_expiry` seconds is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import time
 from collections import OrderedDict, deque
@@ -25,6 +26,7 @@ log = structlog.get_logger("splitfuse.proxy")
 LATENCY_WINDOW = 15
 
 _URL_CHARS = re.compile(r"[A-Za-z0-9._~:/\[\]-]+")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class NodeUnavailable(Exception):
@@ -40,13 +42,27 @@ def normalize_base_url(url: str) -> str:
         raise ValueError("the URL must be an http:// or https:// URL with a host")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("the URL must not carry credentials, a query or a fragment")
+    scheme = parts.scheme.lower()
     try:
-        parts.port  # noqa: B018 - urlsplit validates the port lazily, on access
+        port = parts.port  # urlsplit validates the port lazily, on access
     except ValueError:
         raise ValueError("the URL has an invalid port") from None
-    if ".." in parts.path.split("/"):
+    if port == 0:
+        raise ValueError("the URL has an invalid port")
+    segments = parts.path.split("/")
+    if ".." in segments:
         raise ValueError("the URL has an invalid path")
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+    path = "/".join(s for s in segments if s != ".").rstrip("/")
+    host = parts.hostname
+    if ":" in host:
+        try:
+            host = ipaddress.IPv6Address(host).compressed
+        except ValueError:
+            raise ValueError("the URL has an invalid IPv6 host") from None
+        host = f"[{host}]"
+    # One spelling per server, so that it cannot be registered twice under two.
+    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{path}"
 
 
 @dataclass
@@ -158,9 +174,14 @@ class NodeRegistry:
         if latency is not None:
             node.latency.append(latency)
 
-    def request_failed(self, node: Node) -> None:
-        """A request met a refused connection, a dropped connection or a 5xx."""
+    def request_failed(self, node: Node, latency: float | None = None) -> None:
+        """A request met a refused connection, a dropped connection, a 5xx or a timeout.
+
+        `latency` is how long a timed-out request waited: a stuck node's history shows it.
+        """
         node.request_failures += 1
+        if latency is not None:
+            node.latency.append(latency)
         if node.request_failures >= self.max_failures:
             self._eject(node, "requests failing")
 

@@ -7,6 +7,7 @@ idle nodes share a burst of requests instead of the first one taking it all.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from enum import StrEnum
@@ -35,11 +36,17 @@ class NodeLoad(Protocol):
     def latency(self) -> Sequence[float]: ...
 
 
+# Bounds on a stated throughput, so that sums, means and quotients of speeds stay finite.
+MIN_SPEED = 1e-6
+MAX_SPEED = 1e9
+
+
 def effective_speeds(nodes: Sequence[NodeLoad]) -> list[float]:
     """Each node's throughput; a node that did not state one counts as the average of the rest."""
-    known = [n.speed for n in nodes if n.speed is not None and n.speed > 0]
+    stated = [_bounded(n.speed) for n in nodes]
+    known = [s for s in stated if s is not None]
     default = fmean(known) if known else 1.0
-    return [n.speed if n.speed is not None and n.speed > 0 else default for n in nodes]
+    return [default if s is None else s for s in stated]
 
 
 def random_by_speed(nodes: Sequence[NodeLoad], rng: random.Random) -> int:
@@ -56,20 +63,36 @@ def min_expected_latency(nodes: Sequence[NodeLoad], rng: random.Random) -> int:
 def min_observed_latency(nodes: Sequence[NodeLoad], rng: random.Random) -> int:
     """The node whose recent requests took the least time on average.
 
-    A node with no finished request yet counts as the fastest, so new nodes get tried.
+    A node with no finished request yet counts as the fastest while it is idle, so that new
+    nodes get tried, but as the slowest while its first requests run: a node that never
+    answers takes one request at a time, not all of them.
     """
-    return _argmin([fmean(n.latency) if n.latency else 0.0 for n in nodes], rng)
+    return _argmin([_observed_cost(n) for n in nodes], rng)
 
 
 def choose(strategy: Strategy, nodes: Sequence[NodeLoad], rng: random.Random) -> int:
     """The index of the node `strategy` picks among `nodes` (which must not be empty)."""
     if not nodes:
         raise ValueError("no node to choose from")
-    if strategy is Strategy.RANDOM:
+    # `==`, not `is`: a plain string such as "random" names the same strategy.
+    if strategy == Strategy.RANDOM:
         return random_by_speed(nodes, rng)
-    if strategy is Strategy.MIN_EXPECTED_LATENCY:
+    if strategy == Strategy.MIN_EXPECTED_LATENCY:
         return min_expected_latency(nodes, rng)
     return min_observed_latency(nodes, rng)
+
+
+def _observed_cost(node: NodeLoad) -> float:
+    if node.latency:
+        return fmean(node.latency)
+    return math.inf if node.unfinished else 0.0
+
+
+def _bounded(speed: float | None) -> float | None:
+    """`speed` within [MIN_SPEED, MAX_SPEED]; None when it is missing, not positive or NaN."""
+    if speed is None or not speed > 0:
+        return None
+    return min(max(speed, MIN_SPEED), MAX_SPEED)
 
 
 def _argmin(costs: Sequence[float], rng: random.Random) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -136,12 +137,29 @@ class FakeNode:
         if self.knobs.fail_status is not None:
             error = {"message": f"{self.name} says no", "type": "x", "param": None, "code": None}
             return JSONResponse({"error": error}, status_code=self.knobs.fail_status)
+        if record["path"] == "/v1/chat/interactive":
+            return await self._interactive(request, record)
         if record["stream"]:
             return StreamingResponse(self._stream(record), media_type="text/event-stream")
         if not await self._wait(request, self.knobs.delay):
             return Response(status_code=499)
         self.served.append(record)
         return JSONResponse(_answer(record["path"], self.name))
+
+    async def _interactive(self, request: Request, record: dict[str, Any]) -> Response:
+        """A turn answered as a splitfuse server does, numbering a new session (-1 or none)."""
+        session_id = record["session_id"]
+        if session_id is None or session_id == -1:
+            session_id = random.randrange(1 << 30, 1 << 62)
+        answer = _answer(record["path"], self.name) | {"session_id": session_id}
+        if not await self._wait(request, self.knobs.delay):
+            return Response(status_code=499)
+        self.served.append(record)
+        if not record["stream"]:
+            return JSONResponse(answer)
+        lines = [answer | {"finish_reason": None}, answer | {"text": ""}]
+        body = (json.dumps(line) + "\n" for line in lines)
+        return StreamingResponse(body, media_type="application/x-ndjson")
 
     async def _wait(self, request: Request, seconds: float) -> bool:
         deadline = time.monotonic() + seconds

@@ -168,3 +168,52 @@ def test_failed_health_checks_eject_and_recovery_restores(cluster: Cluster):
     assert http("GET", f"{proxy.url}/v1/models")[1]["data"] == []
     a.knobs.health_status = 200
     wait_until(lambda: node_status(proxy)[a_server.url]["healthy"], 3.0)
+
+
+def test_with_api_keys_and_no_admin_key_node_management_needs_an_api_key(cluster: Cluster):
+    _, a_server = cluster.node("A")
+    proxy = cluster.proxy(api_keys=("K1",), admin_key=None)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer admin-key"}):
+        for method, path, body in (
+            ("GET", "/nodes/status", None),
+            ("POST", "/nodes/add", {"url": a_server.url}),
+            ("POST", f"/nodes/remove?node_url={a_server.url}", None),
+        ):
+            status, error = http(method, proxy.url + path, body, headers)
+            assert status == 401, (method, path, headers)
+            assert assert_openai_error(error)["code"] == "invalid_api_key"
+    key = {"Authorization": "Bearer K1"}
+    assert http("POST", f"{proxy.url}/nodes/add", {"url": a_server.url}, key)[0] == 200
+    assert list(http("GET", f"{proxy.url}/nodes/status", headers=key)[1]) == [a_server.url]
+
+
+def test_speeds_out_of_range_are_400_and_requests_keep_working(cluster: Cluster):
+    _, a_server = cluster.node("A")
+    _, b_server = cluster.node("B")
+    proxy = cluster.proxy()
+    for speed in (1e308, 1e10, 1e-9, 0):
+        for server in (a_server, b_server):
+            add = {"url": server.url, "status": {"speed": speed}}
+            status, error = http("POST", f"{proxy.url}/nodes/add", add, ADMIN)
+            assert status == 400 and assert_openai_error(error)
+    assert node_status(proxy) == {}
+    for server in (a_server, b_server):
+        add = {"url": server.url, "status": {"speed": 1e9}}
+        assert http("POST", f"{proxy.url}/nodes/add", add, ADMIN)[0] == 200
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert http("POST", f"{proxy.url}/v1/chat/completions", chat)[0] == 200
+
+
+def test_one_server_cannot_be_registered_under_two_spellings(cluster: Cluster):
+    _, a_server = cluster.node("A")
+    proxy = cluster.proxy()
+    spellings = (
+        a_server.url,
+        f"http://127.0.0.1:0{a_server.port}",
+        f"{a_server.url}/.",
+        f"HTTP://127.0.0.1:{a_server.port}/./",
+    )
+    for url in spellings:
+        status, body = http("POST", f"{proxy.url}/nodes/add", {"url": url}, ADMIN)
+        assert status == 200 and body["url"] == a_server.url
+    assert list(node_status(proxy)) == [a_server.url]

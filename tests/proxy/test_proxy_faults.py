@@ -13,6 +13,7 @@ from proxy_harness import (
     assert_openai_error,
     burst,
     client,
+    http,
     node_status,
     one_request,
     wait_until,
@@ -180,3 +181,29 @@ def test_client_disconnect_while_waiting_cancels_the_node_request(cluster: Clust
     wait_until(lambda: a.disconnects == 1, timeout=3)
     status = node_status(proxy)[a_server.url]
     assert status["unfinished"] == 0 and status["healthy"] and not a.served
+
+
+def test_a_node_that_times_out_does_not_take_the_traffic(cluster: Cluster):
+    a, a_server = cluster.node("A", delay=3.0)
+    _, b_server = cluster.node("B")
+    proxy = cluster.proxy(strategy="min_observed_latency", request_timeout=0.3)
+    cluster.add(proxy, a_server, b_server)
+
+    statuses = [http("POST", f"{proxy.url}/v1/chat/completions", CHAT)[0] for _ in range(8)]
+
+    # Its first request times out; its history then shows it slow, so B takes the rest.
+    assert sorted(statuses) == [200] * 7 + [504] and len(a.received) == 1
+    stuck = node_status(proxy)[a_server.url]
+    assert stuck["request_failures"] == 1 and stuck["latency"][0] >= 0.3
+
+
+def test_timeouts_in_a_row_eject_the_node(cluster: Cluster):
+    _, a_server = cluster.node("A", delay=3.0)
+    _, b_server = cluster.node("B")
+    proxy = cluster.proxy(strategy="random", request_timeout=0.3, max_failures=2)
+    cluster.add(proxy, a_server, b_server)
+
+    statuses = [http("POST", f"{proxy.url}/v1/chat/completions", CHAT)[0] for _ in range(16)]
+
+    assert statuses.count(504) == 2 and statuses.count(200) == 14
+    assert not node_status(proxy)[a_server.url]["healthy"]

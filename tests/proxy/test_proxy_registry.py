@@ -23,9 +23,15 @@ class Clock:
     ("url", "expected"),
     [
         ("http://127.0.0.1:23333", "http://127.0.0.1:23333"),
-        ("HTTP://Node-1.example:80/", "http://node-1.example:80"),
+        ("HTTP://Node-1.example:80/", "http://node-1.example"),
         ("https://[::1]:8443/llm/", "https://[::1]:8443/llm"),
         ("http://0.0.0.0:23333", "http://0.0.0.0:23333"),
+        # One server, one spelling: leading zeros, default ports and `.` segments go.
+        ("http://127.0.0.1:024001", "http://127.0.0.1:24001"),
+        ("http://127.0.0.1:24001/.", "http://127.0.0.1:24001"),
+        ("https://Host:443/./llm/./v/", "https://host/llm/v"),
+        ("http://[0:0::1]:80", "http://[::1]"),
+        ("http://[::1]:080/", "http://[::1]"),
     ],
 )
 def test_good_urls_are_normalized(url, expected):
@@ -42,6 +48,8 @@ def test_good_urls_are_normalized(url, expected):
         "http://host name",
         "http://user:pw@host",
         "http://host:99999",
+        "http://host:0",
+        "http://host:1/./../admin",
         "http://host/?q=1",
         "http://host/#frag",
         "http://host/../admin",
@@ -111,6 +119,15 @@ def test_re_adding_keeps_stats_and_restores():
     assert list(node.latency) == [0.5] and node.models == ["m2"]
 
 
+def test_a_timed_out_request_counts_as_a_failure_with_its_wait():
+    registry = NodeRegistry(max_failures=2)
+    node = registry.upsert("http://a", ["m"])
+    registry.request_failed(node, 30.0)
+    assert list(node.latency) == [30.0] and node.healthy
+    registry.request_failed(node)
+    assert not node.healthy and list(node.latency) == [30.0]
+
+
 def test_latency_window_is_bounded():
     registry = NodeRegistry()
     node = registry.upsert("http://a", ["m"])
@@ -148,3 +165,29 @@ def test_cli_flags_build_the_config(monkeypatch):
         parser.parse_args(["--strategy", "round_robin"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--health-interval", "0"])
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--port", "99999"],
+        ["--port", "65536"],
+        ["--port", "-1"],
+        ["--server-port", "65537"],
+        ["--max-body-bytes", "-1"],
+        ["--max-body-bytes", "0"],
+    ],
+)
+def test_cli_refuses_bad_ports_and_sizes(flags, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(flags)
+    assert len(capsys.readouterr().err.strip().splitlines()[-1]) < 200
+
+
+def test_cli_takes_port_0_for_any_free_port():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--port", "0"]).port == 0
+    assert parser.parse_args(["--port", "65535", "--max-body-bytes", "1"]).max_body_bytes == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import aiohttp
@@ -87,6 +88,38 @@ def test_interactive_sessions_stick_to_their_node(cluster: Cluster):
             return [await turn(http_client, 0) for _ in range(3)]
 
     assert asyncio.run(after_kill()) == [other] * 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sessions_numbered_by_the_node_stick_to_it(cluster: Cluster, stream):
+    nodes = {name: cluster.node(name) for name in ("A", "B")}
+    proxy = cluster.proxy(strategy="random")
+    cluster.add(proxy, *(server for _, server in nodes.values()))
+    url = f"{proxy.url}/v1/chat/interactive"
+
+    async def turn(http_client: aiohttp.ClientSession, session_id: int | None) -> dict:
+        body = {"prompt": "hi", "interactive_mode": True, "stream": stream}
+        if session_id is not None:
+            body["session_id"] = session_id
+        async with http_client.post(url, json=body) as resp:
+            assert resp.status == 200
+            lines = (await resp.read()).splitlines()
+        return json.loads(lines[0])
+
+    async def conversations() -> list[list[str]]:
+        async with aiohttp.ClientSession() as http_client:
+            served = []
+            for first in (None, -1, None, -1, None, -1):
+                answer = await turn(http_client, first)
+                texts = [answer["text"]]
+                for _ in range(4):
+                    texts.append((await turn(http_client, answer["session_id"]))["text"])
+                served.append(texts)
+            return served
+
+    served = asyncio.run(conversations())
+    assert all(len(set(texts)) == 1 for texts in served), served
+    assert sum(len(fake.served) for fake, _ in nodes.values()) == 30
 
 
 def test_api_keys_guard_openai_routes_and_are_not_forwarded(cluster: Cluster):

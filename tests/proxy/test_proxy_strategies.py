@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,6 +69,28 @@ def test_min_observed_latency_prefers_the_fastest_recent_history():
 def test_min_observed_latency_tries_untried_nodes_first():
     nodes = [Load(latency=[0.01]), Load(latency=[])]
     assert min_observed_latency(nodes, random.Random(0)) == 1
+
+
+def test_min_observed_latency_sends_an_untried_node_one_request_at_a_time():
+    # Its first request has not finished: a node that never answers must not take the rest.
+    nodes = [Load(latency=[0.5]), Load(latency=[], unfinished=1)]
+    assert picks(min_observed_latency, nodes, n=100) == {0: 100}
+    busy = [Load(unfinished=1), Load(unfinished=3)]
+    assert set(picks(min_observed_latency, busy, n=100)) == {0, 1}
+
+
+def test_huge_or_tiny_speeds_keep_the_arithmetic_finite():
+    huge = [Load(1e308), Load(1e308), Load(None)]
+    assert all(math.isfinite(s) for s in effective_speeds(huge))
+    assert set(picks(random_by_speed, huge, n=300)) == {0, 1, 2}
+    tiny = [Load(5e-324, unfinished=1), Load(5e-324), Load(float("nan"))]
+    assert min_expected_latency(tiny, random.Random(0)) in (1, 2)
+
+
+def test_choose_takes_a_strategy_by_its_name():
+    nodes = [Load(latency=[0.1]), Load(latency=[9.0])]
+    counts = Counter(choose("random", nodes, random.Random(i)) for i in range(200))
+    assert counts[1] > 50
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
