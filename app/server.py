@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,12 +22,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
 
 from app import __version__
-from app.chat_template import ChatTemplate
+from app.chat_template import ChatTemplate, resolve_template_source
 from app.engine.engine import AsyncEngine
 from app.errors import ORJSONResponse, install_error_handlers
 from app.metrics import Metrics
 from app.middleware import Gate
-from app.settings import Settings
+from app.settings import ServerConfig, Settings
 
 log = logging.getLogger("splitfuse.server")
 
@@ -99,10 +100,11 @@ def create_app(engine: AsyncEngine, settings: Settings) -> FastAPI:
         if server.proxy_url:
             from app.proxy.node_client import NodeRegistration
 
-            node_url = server.node_url or f"http://{server.host}:{server.port}"
             # The proxy's admin key, which a node on another host needs to register.
             admin_key = os.environ.get("SPLITFUSE_ADMIN_KEY") or None
-            registration = NodeRegistration(server.proxy_url, node_url, admin_key=admin_key)
+            registration = NodeRegistration(
+                server.proxy_url, _node_url(server), admin_key=admin_key
+            )
             await registration.start()
         log.info(
             "serving %s: %d KV tokens, context %d",
@@ -158,25 +160,65 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _node_url(server: ServerConfig) -> str:
+    """The URL the proxy is told to reach this server at."""
+    return server.node_url or f"http://{server.host}:{server.port}"
+
+
+def _check_proxy_urls(server: ServerConfig) -> None:
+    """Refuse a --proxy-url or --node-url the registration would refuse, before the load."""
+    from app.proxy.nodes import normalize_base_url
+
+    if not server.proxy_url:
+        return
+    if not server.node_url and server.port == 0:
+        raise ValueError("port 0 (any free port) with proxy_url needs node_url")
+    for name, url in (("proxy_url", server.proxy_url), ("node_url", _node_url(server))):
+        try:
+            normalize_base_url(url)
+        except ValueError as exc:
+            raise ValueError(f"setting {name}: {url!r}: {exc}") from None
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Bind the address and let it go, so a port in use or a bad host fails before the load."""
+    try:
+        # Every address the host resolves to, with SO_REUSEADDR, as asyncio's create_server does.
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+
+
 def serve(settings: Settings) -> None:
     """Load the model, then serve until SIGTERM/SIGINT."""
     from app.logs import configure_logging
 
-    configure_logging(settings.server.log_format, settings.server.log_level)
+    server = settings.server
+    _check_proxy_urls(server)
+    _check_bindable(server.host, server.port)
+    if settings.engine.chat_template:
+        resolve_template_source(settings.engine.chat_template)
+    configure_logging(server.log_format, server.log_level)
     engine = AsyncEngine(settings.model, settings.engine)
-    app = create_app(engine, settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        timeout_graceful_shutdown=5,
-        access_log=False,
-    )
-    server = DrainingServer(config, app.state.ctx)
+    # Shut the engine down on every way out, or its native objects leak at exit.
     try:
-        server.run()
+        app = create_app(engine, settings)
+        config = uvicorn.Config(
+            app,
+            host=server.host,
+            port=server.port,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            timeout_graceful_shutdown=5,
+            access_log=False,
+        )
+        DrainingServer(config, app.state.ctx).run()
     finally:
         engine.shutdown()

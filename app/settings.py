@@ -146,5 +146,8 @@ def load_settings(
     engine_names = {f.name for f in fields(EngineConfig)}
     engine = _apply(engine, {k: v for k, v in overrides.items() if k in engine_names}, "flags")
     server = _apply(server, {k: v for k, v in overrides.items() if k not in engine_names}, "flags")
+    if not 0 <= server.port <= 65535:
+        # uvicorn would bind the port modulo 65536; 0 is any free port (uvicorn logs which).
+        raise ValueError(f"setting port: {server.port} is not a port number (0 to 65535)")
     model = model or env.get(ENV_PREFIX + "MODEL") or None
     return Settings(model=model, engine=engine, server=server)

@@ -73,35 +73,40 @@ async def _chat_loop(
 
 def run_chat(settings: Any, params: Any) -> None:
     """Chat with a model in this process."""
-    from app.chat_template import ChatTemplate
+    from app.chat_template import ChatTemplate, resolve_template_source
     from app.engine.engine import AsyncEngine
 
+    # Refuse bad flags before the load. The chat flags carry no token ids, so the vocabulary
+    # size plays no part in the sampling checks.
+    params.validate(vocab_size=0)
+    if settings.engine.chat_template:
+        resolve_template_source(settings.engine.chat_template)
     engine = AsyncEngine(settings.model, settings.engine)
-    engine.validate([0], params)
-    template = ChatTemplate.for_tokenizer(engine.tokenizer, settings.engine.chat_template)
-    tokenizer = engine.tokenizer
-
-    async def reply(text: str) -> AsyncIterator[str]:
-        messages = [{"role": "user", "content": text}]
-        prompt = template.render_turn(messages, engine.session_tail(SESSION_ID))
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        async for out in engine.generate(ids, params, session_id=SESSION_ID):
-            if out.finish_reason == "length" and out.completion_tokens == 0:
-                yield "(the conversation is full: /reset to start over)"
-            elif out.finish_reason == "error":
-                yield f"(error: {out.error})"
-            yield out.text
-
-    async def reset() -> None:
-        engine.end_session(SESSION_ID)
-
-    async def main() -> None:
-        try:
-            await _chat_loop(reply, reset, f"splitfuse chat: {engine.model_name}")
-        finally:
-            await engine.stop()
-
+    # Shut the engine down on every way out, or its native objects leak at exit.
     try:
+        template = ChatTemplate.for_tokenizer(engine.tokenizer, settings.engine.chat_template)
+        tokenizer = engine.tokenizer
+
+        async def reply(text: str) -> AsyncIterator[str]:
+            messages = [{"role": "user", "content": text}]
+            prompt = template.render_turn(messages, engine.session_tail(SESSION_ID))
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            async for out in engine.generate(ids, params, session_id=SESSION_ID):
+                if out.finish_reason == "length" and out.completion_tokens == 0:
+                    yield "(the conversation is full: /reset to start over)"
+                elif out.finish_reason == "error":
+                    yield f"(error: {out.error})"
+                yield out.text
+
+        async def reset() -> None:
+            engine.end_session(SESSION_ID)
+
+        async def main() -> None:
+            try:
+                await _chat_loop(reply, reset, f"splitfuse chat: {engine.model_name}")
+            finally:
+                await engine.stop()
+
         asyncio.run(main())
     finally:
         engine.shutdown()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,8 +17,17 @@ import pytest
 CLI = [sys.executable, "-m", "app.cli"]
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_list_names_architectures_and_templates() -> None:
@@ -47,6 +58,81 @@ def test_bad_input_is_a_one_line_error(args: list[str], message: str) -> None:
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "99999"], "setting port: 99999 is not a port number"),
+        (["serve", "--port", "-1"], "setting port: -1 is not a port number"),
+        (["serve", "--proxy-url", "notaurl"], "setting proxy_url: 'notaurl'"),
+        (["serve", "--proxy-url", "http://proxy:8000", "--port", "0"], "needs node_url"),
+        (["serve", "--chat-template", "nosuch"], "chat template 'nosuch' is neither"),
+        (["chat", "--temperature", "-1"], "temperature must be >= 0"),
+        (["chat", "--temperature", "nan"], "temperature must be a finite number"),
+        (["chat", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["chat", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["chat", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+        (["chat", "--chat-template", "nosuch"], "chat template 'nosuch' is neither"),
+        (["serve", "--port", "0"], "model path does not exist"),  # 0: any free port
+    ],
+)
+def test_flags_are_checked_before_the_model_loads(args: list[str], message: str) -> None:
+    # A check made after the load would report the missing model instead.
+    result = run_cli(*args, "/no/such/model")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = str(sock.getsockname()[1])
+        result = run_cli("serve", "/no/such/model", "--host", "127.0.0.1", "--port", port)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"splitfuse: error: cannot listen on 127.0.0.1 port {port}: Address already in use"
+    )
+
+
+def test_a_truncated_gguf_is_a_one_line_error(tmp_path: Path) -> None:
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    result = run_cli("serve", str(gguf), env={"SPLITFUSE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"splitfuse: error: {gguf} is truncated or corrupt")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_truncated_safetensors_is_a_one_line_error(smollm2_dir: Path, tmp_path: Path) -> None:
+    for file in smollm2_dir.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    weights = tmp_path / "model.safetensors"
+    with (smollm2_dir / "model.safetensors").open("rb") as full:
+        weights.write_bytes(full.read(100_000))
+    result = run_cli("serve", str(tmp_path))
+    assert result.returncode == 2
+    assert f"splitfuse: error: {weights} is not a valid safetensors file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_an_error_after_the_load_shuts_the_engine_down(
+    command: str, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    # The file exists, so only compiling it, after the load, finds the error.
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% if %}")
+    port = ["--port", "0"] if command == "serve" else []
+    result = run_cli(command, str(smollm2_dir), "--chat-template", str(template), *port)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("splitfuse: error: invalid chat template")
+    assert "leaked" not in result.stderr  # nanobind's report of objects never shut down
 
 
 @pytest.mark.parametrize(

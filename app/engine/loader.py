@@ -7,12 +7,13 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
@@ -92,10 +93,14 @@ def _converted_gguf(gguf: Path) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF through transformers and write safetensors + config + tokenizer."""
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except struct.error:
+        # transformers' GGUF reader unpacks the header without checking the file's length.
+        raise ValueError(f"{gguf} is truncated or corrupt (its GGUF header is cut short)") from None
     config = model.config
     # transformers refuses save_pretrained on GGUF-loaded models, so the parts are written by
     # hand; the config must lose its GGUF quantization marker and gain its architecture name.
@@ -170,6 +175,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
 def _safetensors_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     # One tensor at a time keeps peak host memory near the largest tensor, not the checkpoint.
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except SafetensorError as exc:
+            raise ValueError(f"{file} is not a valid safetensors file: {exc}") from None
+        with handle as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 yield name, f.get_tensor(name)
