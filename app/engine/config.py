@@ -11,7 +11,7 @@ import functools
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,10 +19,14 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 RowOutput = Literal["all", "generation"]
 
 
-def all_ints(values: Iterable[object]) -> bool:
-    """Whether every value is an int, without a Python-level loop: token-id checks of whole
-    prompts, which a 1000-prompt pipeline call makes before its first step."""
-    values = list(values)
+# A token id written as text (logit_bias keys): ASCII digits, where str.isdigit() would also
+# take "²" and "١".
+TOKEN_ID_TEXT = re.compile(r"-?[0-9]+")
+
+
+def all_ints(values: Sequence[object]) -> bool:
+    """Whether every value is an int (a bool is none), without a Python-level loop: token-id
+    checks of whole prompts, which a 1000-prompt pipeline call makes before its first step."""
     return all(map(isinstance, values, itertools.repeat(int))) and not any(
         map(isinstance, values, itertools.repeat(bool))
     )
@@ -402,7 +406,7 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
         raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
     pairs = []
     for key, value in bias.items():
-        if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key):
+        if isinstance(key, str) and TOKEN_ID_TEXT.fullmatch(key):
             key = int(key)
         if not _is_int(key):
             raise ValueError(f"logit_bias keys must be token ids, got {key!r}")

@@ -7,7 +7,6 @@ naming the field, before anything is allocated.
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,6 +21,8 @@ from pydantic import (
     field_validator,
 )
 
+from app.engine.config import TOKEN_ID_TEXT
+
 
 def _no_nul(value: str) -> str:
     # NUL never belongs in chat text, and the interactive route uses it in private markers.
@@ -31,7 +32,6 @@ def _no_nul(value: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(_no_nul)]
-TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit() also takes "²" and "١"
 Probability = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
 
 
@@ -143,7 +143,7 @@ class SamplingFields(_Body):
     @classmethod
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not TOKEN_ID.fullmatch(key):
+            if not TOKEN_ID_TEXT.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
