@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from app.kernels.pdl import launch_options, wait_for_previous
+
 BLOCK = 1024
 
 
@@ -25,7 +27,10 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, size, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, stride_x, stride_out, size, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < size
@@ -46,5 +51,8 @@ def silu_and_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None) -> 
     if out is None:
         out = torch.empty(num_tokens, size, dtype=x.dtype, device=x.device)
     grid = (num_tokens, triton.cdiv(size, BLOCK))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), size, BLOCK=BLOCK, num_warps=4)
+    _silu_and_mul_kernel[grid](
+        x, out, x.stride(0), out.stride(0), size,
+        BLOCK=BLOCK, num_warps=4, **launch_options(x.device),
+    )  # fmt: skip
     return out

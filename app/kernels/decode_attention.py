@@ -27,6 +27,7 @@ from app.kernels.paged_tile import (
     scale_args,
     store_rows,
 )
+from app.kernels.pdl import launch_options, wait_for_previous
 
 MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 64
@@ -100,7 +101,9 @@ def _decode_split_kernel(
     QUANT: tl.constexpr,
     ALIGNED: tl.constexpr,
     ORDERED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int32) if ORDERED else tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -180,7 +183,9 @@ def _decode_reduce_kernel(
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -258,6 +263,7 @@ def paged_decode_attention(
     quant = quant_bits(k_cache, kv_scales)
     block_n, warps, stages = tiles or decode_tiles(head_dim * q.element_size(), quant, num_seqs)
     single = num_splits == 1
+    pdl = launch_options(q.device)
     part_out = part_lse = out  # unused by the single-split kernel; any tensor fills the slot
     if not single:
         part_lse = torch.empty(
@@ -289,6 +295,7 @@ def paged_decode_attention(
         ORDERED=order is not None,
         num_warps=warps,
         num_stages=stages,
+        **pdl,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -297,5 +304,6 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl,
         )  # fmt: skip
     return out

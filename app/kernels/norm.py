@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from app.kernels.pdl import launch_options, wait_for_previous
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * x / rms(x)` over the last dimension; Triton on CUDA, the reference elsewhere."""
@@ -57,10 +59,13 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    wait_for_previous(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if ADD_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
@@ -69,7 +74,6 @@ def _rms_norm_kernel(
         tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=ok)
     h = x.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, 0) / n + eps)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     out = w * h.to(x.dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -131,4 +135,5 @@ def _launch(
         BLOCK=block,
         ADD_RESIDUAL=add_residual,
         num_warps=min(16, max(1, block // 512)),
+        **launch_options(x.device),
     )  # fmt: skip

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from app.kernels.attention import KVScales, write_kv_cache
 from app.kernels.paged_tile import quant_bits, scale_args
+from app.kernels.pdl import launch_options, wait_for_previous
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,9 @@ def _rotary_cache_kernel(
     HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     QUANT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + t * stride_cos + i)
@@ -216,4 +219,5 @@ def rotary_and_cache_triton(
         BLOCK_SIZE=block_size,
         QUANT=quant_bits(k_cache, kv_scales),
         num_warps=4,
+        **launch_options(q.device),
     )  # fmt: skip

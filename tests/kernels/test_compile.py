@@ -1,7 +1,7 @@
-"""The attention and cache-write kernels compile for a Hopper GPU (sm_90) here, on the CPU, in
-every cache variant, through this machine's Triton: the interpreter only runs their Python, and
-accepts code that no compiler takes. The compiling runs in a child process without
-TRITON_INTERPRET, under which `triton.jit` would hand back interpreted functions."""
+"""The decode step's kernels compile for a Hopper GPU (sm_90) here, on the CPU, in every cache
+variant and as programmatic dependents (PDL), through this machine's Triton: the interpreter only
+runs their Python, and accepts code that no compiler takes. The compiling runs in a child process
+without TRITON_INTERPRET, under which `triton.jit` would hand back interpreted functions."""
 
 from __future__ import annotations
 
@@ -42,16 +42,23 @@ def _variants() -> list[tuple[str, int, dict]]:
         "NUM_HEADS": 32, "NUM_KV_HEADS": 8, "HEADS_PAD": 32, "KV_HEADS_PAD": 8, "HALF": 64,
         "BLOCK_SIZE": 64,
     }  # fmt: skip
-    variants = [("_decode_reduce_kernel", 0, {"NUM_HEADS": 32, "HEAD_DIM": 128, "SPLITS_PAD": 8})]
+    pdl = {"PDL": True}
+    variants = [
+        ("_decode_reduce_kernel", 0, {"NUM_HEADS": 32, "HEAD_DIM": 128, "SPLITS_PAD": 8} | pdl),
+        ("_gemv_kernel", 0, {"HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024} | pdl),
+        ("_gemv_kernel", 0, {"HAS_BIAS": True, "BLOCK_N": 16, "BLOCK_K": 512, "PDL": False}),
+        ("_rms_norm_kernel", 0, {"BLOCK": 4096, "ADD_RESIDUAL": True} | pdl),
+        ("_silu_and_mul_kernel", 0, {"BLOCK": 1024} | pdl),
+    ]
     for quant in CACHE:
         for single in (True, False):  # and aligned tiles with one split, unaligned (a window)
-            split = decode | {"SINGLE_SPLIT": single, "QUANT": quant, "ALIGNED": single}
+            split = decode | {"SINGLE_SPLIT": single, "QUANT": quant, "ALIGNED": single} | pdl
             variants.append(("_decode_split_kernel", quant, split))
         tiles = {"BLOCK_Q": 32, "BLOCK_N": 32} if quant else {"BLOCK_Q": 64, "BLOCK_N": 64}
         variants.append(
             ("_prefill_kernel", quant, prefill | tiles | {"QUANT": quant, "ALIGNED": True})
         )
-        variants.append(("_rotary_cache_kernel", quant, rotary | {"QUANT": quant}))
+        variants.append(("_rotary_cache_kernel", quant, rotary | {"QUANT": quant} | pdl))
     return variants
 
 
@@ -61,9 +68,9 @@ def compile_all() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from app.kernels import decode_attention, prefill_attention, rotary
+    from app.kernels import activation, decode_attention, linear, norm, prefill_attention, rotary
 
-    modules = (decode_attention, prefill_attention, rotary)
+    modules = (activation, decode_attention, linear, norm, prefill_attention, rotary)
     for name, quant, constants in _variants():
         fn = next(getattr(m, name) for m in modules if hasattr(m, name))
         pointers = POINTERS | {"k_cache_ptr": CACHE[quant], "v_cache_ptr": CACHE[quant]}
@@ -73,13 +80,16 @@ def compile_all() -> None:
             else pointers.get(arg, "*bf16")
             if arg.endswith("_ptr")
             else "fp32"
-            if arg == "scale_log2"
+            if arg in ("scale_log2", "eps")
             else "i32"
             for arg in fn.arg_names
         }
         source = ASTSource(fn=fn, signature=signature, constexprs=constants)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], name
+        # A programmatic dependent waits for the kernel before it; an ordinary launch needs no wait.
+        waits = "griddepcontrol.wait" in compiled.asm["ptx"]
+        assert waits == constants.get("PDL", False), f"{name}: griddepcontrol.wait {waits}"
         print(f"compiled {name} quant_policy={quant}", flush=True)
 
 
