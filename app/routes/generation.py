@@ -41,6 +41,16 @@ async def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> 
     return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
 
+THREAD_DECODE_TOKENS = 10_000  # about THREAD_ENCODE_CHARS of text
+
+
+async def decode(tokenizer: Any, ids: list[int]) -> str:
+    """The text of `ids` (an echoed prompt), off the event loop when they are many."""
+    if len(ids) < THREAD_DECODE_TOKENS:
+        return tokenizer.decode(ids)
+    return await asyncio.to_thread(tokenizer.decode, ids)
+
+
 def check_model(ctx: Any, model: str | None) -> None:
     if model is not None and model != ctx.model_name:
         raise APIError(

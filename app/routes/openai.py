@@ -132,6 +132,7 @@ def register(router: APIRouter, ctx: Any) -> None:
             ctx, longest, body.max_tokens, prompt_param="prompt", default=16
         )
         echo_logprobs = body.echo and body.logprobs is not None
+        echoed = [await gen.decode(tokenizer, p) for p in prompts] if body.echo else None
         params = gen.sampling_params(
             ctx, body, max_tokens, body.logprobs, prompt_logprobs=echo_logprobs
         )
@@ -150,7 +151,7 @@ def register(router: APIRouter, ctx: Any) -> None:
                     {"id": cmpl_id, "created": created, "object": "text_completion"},
                     params.n,
                     prompts,
-                    body.echo,
+                    echoed,
                     echo_logprobs,
                     opts.include_usage if opts else False,
                     opts.continuous_usage_stats if opts else False,
@@ -158,7 +159,7 @@ def register(router: APIRouter, ctx: Any) -> None:
             )
         outputs = await gen.unless_disconnected(request, gen.collect(run.outputs()))
         return _completion_response(
-            ctx, outputs, cmpl_id, created, params.n, prompts, body.echo, echo_logprobs
+            ctx, outputs, cmpl_id, created, params.n, prompts, echoed, echo_logprobs
         )
 
 
@@ -243,13 +244,12 @@ def _completion_response(
     created: int,
     n: int,
     prompts: list[list[int]],
-    echo: bool,
+    echoed: list[str] | None,
     echo_logprobs: bool,
 ) -> dict[str, Any]:
     tokenizer = ctx.engine.tokenizer
     count = n * len(prompts)
-    echoed = [tokenizer.decode(p) if echo else "" for p in prompts]
-    texts = [echoed[slot // n] for slot in range(count)]
+    texts = [echoed[slot // n] if echoed else "" for slot in range(count)]
     logprobs: list[list[TokenLogprob] | None] = [None] * count
     prompt_logprobs: list[list[float]] = [[] for _ in range(count)]
     finish: list[Any] = [None] * count

@@ -73,7 +73,7 @@ async def completion_chunks(
     head: dict[str, Any],
     n: int,
     prompts: list[list[int]],
-    echo: bool,
+    echoed: list[str] | None,
     echo_logprobs: bool,
     include_usage: bool,
     continuous: bool,
@@ -88,10 +88,10 @@ async def completion_chunks(
         return {**base, "choices": [choice], **({"usage": usage.body()} if continuous else {})}
 
     # With logprobs, a prompt's echo waits for its logprobs, which come on a sample's first delta.
-    unechoed = set(range(n * len(prompts))) if echo else set()
+    unechoed = set(range(n * len(prompts))) if echoed else set()
     if not echo_logprobs:
         for slot in sorted(unechoed):
-            yield chunk(slot, tokenizer.decode(prompts[slot // n]), None, None)
+            yield chunk(slot, echoed[slot // n], None, None)
         unechoed.clear()
     async for p, out in outputs:
         slot = p * n + out.index
@@ -103,7 +103,7 @@ async def completion_chunks(
             unechoed.discard(slot)
             prompt = (prompts[p], out.prompt_logprobs or [])
             logprobs = completion_logprobs(tokenizer, [], offsets[slot], prompt)
-            yield chunk(slot, tokenizer.decode(prompts[p]), logprobs, None)
+            yield chunk(slot, echoed[p], logprobs, None)
         if out.text or out.logprobs or out.finished:
             logprobs = completion_logprobs(tokenizer, out.logprobs, offsets[slot])
             yield chunk(slot, out.text, logprobs, out.finish_reason)
