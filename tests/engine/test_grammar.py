@@ -9,10 +9,12 @@ import threading
 import time
 from typing import Any
 
+import grammar_walk
 import jsonschema
 import pytest
 import torch
 import xgrammar as xgr
+from grammar_walk import VOCAB
 
 from app.engine.grammar import (
     GrammarCompiler,
@@ -25,7 +27,6 @@ from app.engine.grammar import (
     reset_bitmask,
 )
 
-VOCAB = 49152
 # The simulated model's vocab-wide ops are tiny; on a busy 2-core machine extra intra-op
 # threads only make them 10x slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,13 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def closer_bias(tokenizer: Any) -> torch.Tensor:
-    """A nudge towards tokens that close strings, objects and arrays, and towards EOS, so random
-    generations end in tens of tokens instead of thousands."""
-    bias = torch.zeros(VOCAB)
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        if text and set(text) <= set('"]},'):
-            bias[token_id] = 3.0
+    """Towards tokens that close strings, objects and arrays, and towards EOS."""
+    bias = grammar_walk.closer_bias(tokenizer)
     bias[tokenizer.eos_token_id] = 3.0
     return bias
 
@@ -47,21 +43,8 @@ def closer_bias(tokenizer: Any) -> torch.Tensor:
 def generate(
     compiler: GrammarCompiler, spec: GrammarSpec, tokenizer: Any, bias: torch.Tensor, seed: int
 ) -> str:
-    """A random "model": Gaussian logits plus `bias`, masked by the grammar, argmax."""
-    matcher = GrammarMatcher(compiler.compile_sync(spec))
-    bitmask = allocate_bitmask(1, VOCAB)
-    rng = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    for _ in range(2000):
-        matcher.fill_bitmask(bitmask, 0)
-        logits = torch.randn(VOCAB, generator=rng) + bias
-        logits.masked_fill_(~bitmask_to_bool(bitmask, VOCAB)[0], float("-inf"))
-        token_id = int(logits.argmax())
-        assert matcher.accept_token(token_id)
-        if matcher.is_terminated():
-            return tokenizer.decode(ids)
-        ids.append(token_id)
-    raise AssertionError("generation did not terminate")
+    """The text the simulated model writes under `spec`."""
+    return tokenizer.decode(grammar_walk.generate(compiler, spec, bias, seed, limit=2000))
 
 
 SCHEMAS: list[dict[str, Any]] = [

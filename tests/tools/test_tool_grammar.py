@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import grammar_walk
 import jsonschema
 import pytest
 import torch
@@ -12,15 +13,11 @@ import torch
 from app.engine.grammar import (
     GrammarCompiler,
     GrammarError,
-    GrammarMatcher,
     GrammarSpec,
-    allocate_bitmask,
-    bitmask_to_bool,
 )
 from app.tools import get_tool_parser
 from app.tools.tool_grammar import tool_call_spec
 
-VOCAB = 49152
 # The simulated model's vocab-wide ops are tiny; on a busy 2-core machine extra intra-op
 # threads only make them 10x slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,29 +51,11 @@ SCHEMAS = {"get_weather": WEATHER, "add": ADD, "now": {"type": "object", "proper
 def closer_bias(tokenizer: Any) -> torch.Tensor:
     """Favour tokens that close strings and objects, so random calls stay short; EOS is left
     alone so parallel grammars often go on to a second call."""
-    bias = torch.zeros(VOCAB)
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        if text and set(text) <= set('"]},'):
-            bias[token_id] = 3.0
-    return bias
+    return grammar_walk.closer_bias(tokenizer)
 
 
 def generate(compiler: GrammarCompiler, spec: GrammarSpec, bias: torch.Tensor, seed: int) -> list:
-    matcher = GrammarMatcher(compiler.compile_sync(spec))
-    bitmask = allocate_bitmask(1, VOCAB)
-    rng = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    for _ in range(3000):
-        matcher.fill_bitmask(bitmask, 0)
-        logits = torch.randn(VOCAB, generator=rng) + bias
-        logits.masked_fill_(~bitmask_to_bool(bitmask, VOCAB)[0], float("-inf"))
-        token_id = int(logits.argmax())
-        assert matcher.accept_token(token_id)
-        if matcher.is_terminated():
-            return ids
-        ids.append(token_id)
-    raise AssertionError("generation did not terminate")
+    return grammar_walk.generate(compiler, spec, bias, seed, limit=3000)
 
 
 @pytest.mark.parametrize("parser_name", ["hermes", "llama3", "internlm2"])
