@@ -132,13 +132,13 @@ def register(router: APIRouter, ctx: Any) -> None:
             ctx, longest, body.max_tokens, prompt_param="prompt", default=16
         )
         echo_logprobs = body.echo and body.logprobs is not None
-        echoed = [await gen.decode(tokenizer, p) for p in prompts] if body.echo else None
         params = gen.sampling_params(
             ctx, body, max_tokens, body.logprobs, prompt_logprobs=echo_logprobs
         )
         for ids in prompts:
             gen.validate(ctx, params, ids, "prompt")
         grammar = await request_grammar(ctx, body)
+        echoed = [await gen.decode(tokenizer, p) for p in prompts] if body.echo else None
         rid = gen.request_id(request)
         cmpl_id, created = f"cmpl-{rid}", int(time.time())
         run = gen.EngineRun(ctx, prompts, params, rid, grammar=grammar)
