@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -38,7 +39,8 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._special_ids, self._backend_decode = _tokenizer_facts(tokenizer)
+        facts = _tokenizer_facts(tokenizer)
+        self._special_ids, self._backend_decode = facts.special_ids, facts.backend_decode
         # Slow tokenizers join special tokens and the text between them with spaces; fast ones
         # ignore the flag, so the runs between special tokens are decoded separately here.
         self._segmented = not skip_special_tokens and spaces_between_special_tokens
@@ -194,14 +196,20 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(ids)
 
 
-_FACTS: weakref.WeakKeyDictionary[Any, tuple[frozenset[int], Callable[..., str] | None]] = (
-    weakref.WeakKeyDictionary()
-)
+@dataclass(frozen=True)
+class _Facts:
+    """What decoding and listings look up per token, worked out once per tokenizer."""
+
+    special_ids: frozenset[int]
+    backend_decode: Callable[..., str] | None
+    added_ids: frozenset[int]  # `added_tokens_decoder` builds a dict on every access
+    byte_level: bool
 
 
-def _tokenizer_facts(
-    tokenizer: PreTrainedTokenizerBase,
-) -> tuple[frozenset[int], Callable[..., str] | None]:
+_FACTS: weakref.WeakKeyDictionary[Any, _Facts] = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_facts(tokenizer: PreTrainedTokenizerBase) -> _Facts:
     """The special ids (listing them walks every added token: milliseconds) and, for a fast
     tokenizer that does not override decoding, its Rust decoder: `decode(...,
     clean_up_tokenization_spaces=False)` is exactly that call behind a generic conversion of the
@@ -212,8 +220,13 @@ def _tokenizer_facts(
             isinstance(tokenizer, PreTrainedTokenizerFast)
             and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
         )
-        decode = tokenizer.backend_tokenizer.decode if plain else None
-        facts = (special_token_ids(tokenizer), decode)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        facts = _Facts(
+            special_ids=special_token_ids(tokenizer),
+            backend_decode=backend.decode if plain else None,
+            added_ids=frozenset(tokenizer.added_tokens_decoder),
+            byte_level=backend is not None and "ByteLevel" in str(backend.decoder),
+        )
         _FACTS[tokenizer] = facts
     return facts
 
@@ -223,14 +236,13 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     piece = tokenizer.convert_ids_to_tokens(token_id)
     if not isinstance(piece, str):
         return b""
-    if token_id in tokenizer.added_tokens_decoder:
+    facts = _tokenizer_facts(tokenizer)
+    if token_id in facts.added_ids:
         return piece.encode()
     byte = _BYTE_FALLBACK.fullmatch(piece)
     if byte is not None:
         return bytes([int(byte[1], 16)])
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    byte_level = backend is not None and "ByteLevel" in str(backend.decoder)
-    if byte_level and all(char in _UNICODE_TO_BYTE for char in piece):
+    if facts.byte_level and all(char in _UNICODE_TO_BYTE for char in piece):
         return bytes(_UNICODE_TO_BYTE[char] for char in piece)
     if "\u2581" in piece:  # sentencepiece's visible space
         return piece.replace("\u2581", " ").encode()
