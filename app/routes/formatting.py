@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import logging
 from collections.abc import AsyncIterator
@@ -88,6 +89,22 @@ def completion_logprobs(
         "top_logprobs": tops,
         "text_offset": text_offset,
     }
+
+
+# Listing a prompt token costs ~3 us: an echoed prompt this long is listed in a worker thread.
+THREAD_LISTING_TOKENS = 10_000
+
+
+async def completion_logprobs_echoed(
+    tokenizer: Any,
+    logprobs: list[TokenLogprob],
+    offsets: TextOffsets,
+    prompt: tuple[list[int], list[float]],
+) -> dict[str, Any] | None:
+    """`completion_logprobs` led by an echoed prompt, off the event loop when it is long."""
+    if len(prompt[0]) < THREAD_LISTING_TOKENS:
+        return completion_logprobs(tokenizer, logprobs, offsets, prompt)
+    return await asyncio.to_thread(completion_logprobs, tokenizer, logprobs, offsets, prompt)
 
 
 class Usage:

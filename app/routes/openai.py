@@ -18,6 +18,7 @@ from app.routes.formatting import (
     Usage,
     chat_logprobs,
     completion_logprobs,
+    completion_logprobs_echoed,
     generation_error,
     sse,
 )
@@ -158,7 +159,7 @@ def register(router: APIRouter, ctx: Any) -> None:
                 )
             )
         outputs = await gen.unless_disconnected(request, gen.collect(run.outputs()))
-        return _completion_response(
+        return await _completion_response(
             ctx, outputs, cmpl_id, created, params.n, prompts, echoed, echo_logprobs
         )
 
@@ -237,7 +238,7 @@ def _chat_response(
     return _response(ctx, "chat.completion", chat_id, created, choices, usage)
 
 
-def _completion_response(
+async def _completion_response(
     ctx: Any,
     outputs: list[tuple[int, RequestOutput]],
     cmpl_id: str,
@@ -269,7 +270,8 @@ def _completion_response(
     for slot in range(count):
         if echo_logprobs:
             prompt = (prompts[slot // n], prompt_logprobs[slot])
-            lp = completion_logprobs(tokenizer, logprobs[slot] or [], TextOffsets(), prompt)
+            listed = logprobs[slot] or []
+            lp = await completion_logprobs_echoed(tokenizer, listed, TextOffsets(), prompt)
         else:
             lp = completion_logprobs(tokenizer, logprobs[slot], TextOffsets())
         choices.append(

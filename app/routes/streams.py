@@ -14,6 +14,7 @@ from app.routes.formatting import (
     Usage,
     chat_logprobs,
     completion_logprobs,
+    completion_logprobs_echoed,
     engine_error,
 )
 
@@ -102,7 +103,7 @@ async def completion_chunks(
         if slot in unechoed:
             unechoed.discard(slot)
             prompt = (prompts[p], out.prompt_logprobs or [])
-            logprobs = completion_logprobs(tokenizer, [], offsets[slot], prompt)
+            logprobs = await completion_logprobs_echoed(tokenizer, [], offsets[slot], prompt)
             yield chunk(slot, echoed[p], logprobs, None)
         if out.text or out.logprobs or out.finished:
             logprobs = completion_logprobs(tokenizer, out.logprobs, offsets[slot])
