@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,18 +209,47 @@ def serve(settings: Settings) -> None:
     configure_logging(server.log_format, server.log_level)
     engine = AsyncEngine(settings.model, settings.engine)
     # Shut the engine down on every way out, or its native objects leak at exit.
+    with _sigterm_after_cleanup():
+        try:
+            app = create_app(engine, settings)
+            config = uvicorn.Config(
+                app,
+                host=server.host,
+                port=server.port,
+                loop="uvloop",
+                http="httptools",
+                log_config=None,
+                timeout_graceful_shutdown=5,
+                access_log=False,
+            )
+            DrainingServer(config, app.state.ctx).run()
+        finally:
+            engine.shutdown()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived again after uvicorn shut down: unwind, then end by the signal."""
+
+
+def _raise_terminated(sig: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextmanager
+def _sigterm_after_cleanup() -> Iterator[None]:
+    """uvicorn re-raises the signal that stopped it once it has shut down, so that the process
+    ends as one killed by it; SIGTERM's default action would end it there, before the clean-up
+    of the block's `finally` (the engine's shutdown). Here the re-raise unwinds the block first,
+    then the process ends by SIGTERM as uvicorn meant."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        app = create_app(engine, settings)
-        config = uvicorn.Config(
-            app,
-            host=server.host,
-            port=server.port,
-            loop="uvloop",
-            http="httptools",
-            log_config=None,
-            timeout_graceful_shutdown=5,
-            access_log=False,
-        )
-        DrainingServer(config, app.state.ctx).run()
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None  # the handler before did not end it
     finally:
-        engine.shutdown()
+        signal.signal(signal.SIGTERM, previous)

@@ -237,6 +237,23 @@ def test_a_stalled_engine_loop_turns_health_unhealthy(fault_server: Server) -> N
     assert server.health() == 200
 
 
+def test_sigterm_shuts_the_engine_down_before_the_process_ends(
+    tiny_model_dir: Path, server_logs: Path, tmp_path: Path
+) -> None:
+    # The step trace is buffered and flushed by the engine's shutdown: a short run's steps are
+    # in the file only if that ran before the process ended by the signal uvicorn re-raises.
+    trace = tmp_path / "steps.jsonl"
+    server = start_server(tiny_model_dir, server_logs, env={"SPLITFUSE_STEP_TRACE": str(trace)})
+    try:
+        assert server.post("/v1/completions", SHORT).status == 200
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == -signal.SIGTERM
+    finally:
+        server.stop()
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert sum(step.get("tokens", 0) for step in steps if "gc" not in step) >= 4
+
+
 def test_sigterm_drains_then_aborts_then_exits(tiny_model_dir: Path, server_logs: Path) -> None:
     server = slow_server(
         tiny_model_dir, server_logs, 0.02, "--session-len", "1024", "--shutdown-timeout", "4"
