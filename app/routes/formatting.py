@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from app.engine.detokenizer import token_listing
 from app.engine.engine import RequestOutput
 from app.engine.outputs import TokenLogprob
 from app.errors import APIError, error_body
+from app.routes.generation import in_thread_if
 
 log = logging.getLogger("splitfuse.server")
 
@@ -102,9 +102,8 @@ async def completion_logprobs_echoed(
     prompt: tuple[list[int], list[float]],
 ) -> dict[str, Any] | None:
     """`completion_logprobs` led by an echoed prompt, off the event loop when it is long."""
-    if len(prompt[0]) < THREAD_LISTING_TOKENS:
-        return completion_logprobs(tokenizer, logprobs, offsets, prompt)
-    return await asyncio.to_thread(completion_logprobs, tokenizer, logprobs, offsets, prompt)
+    large = len(prompt[0]) >= THREAD_LISTING_TOKENS
+    return await in_thread_if(large, completion_logprobs, tokenizer, logprobs, offsets, prompt)
 
 
 class Usage:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,26 +29,28 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-# Texts this long are tokenized in a worker thread: 4 MB take ~3 s, during which the event loop
-# would stream nothing (the Rust tokenizer releases the GIL).
+async def in_thread_if(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, in a worker thread when the work is `large`: meanwhile the event loop
+    goes on streaming other requests (the Rust tokenizer releases the GIL)."""
+    if not large:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+# Texts this long are tokenized in a worker thread: 4 MB take ~3 s.
 THREAD_ENCODE_CHARS = 50_000
+THREAD_DECODE_TOKENS = 10_000  # about THREAD_ENCODE_CHARS of text
 
 
 async def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
     """`text`'s token ids, off the event loop when it is long."""
-    if len(text) < THREAD_ENCODE_CHARS:
-        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
-
-
-THREAD_DECODE_TOKENS = 10_000  # about THREAD_ENCODE_CHARS of text
+    large = len(text) >= THREAD_ENCODE_CHARS
+    return await in_thread_if(large, tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
 
 async def decode(tokenizer: Any, ids: list[int]) -> str:
     """The text of `ids` (an echoed prompt), off the event loop when they are many."""
-    if len(ids) < THREAD_DECODE_TOKENS:
-        return tokenizer.decode(ids)
-    return await asyncio.to_thread(tokenizer.decode, ids)
+    return await in_thread_if(len(ids) >= THREAD_DECODE_TOKENS, tokenizer.decode, ids)
 
 
 def check_model(ctx: Any, model: str | None) -> None:
