@@ -37,6 +37,7 @@ class Record:
     input_len: int
     output_len: int
     ok: bool = False
+    sent: float = 0.0
     ttft: float = 0.0
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
@@ -66,6 +67,7 @@ async def one(
         "temperature": 0.0,
     }
     start = time.perf_counter()
+    record.sent = start
     last = start
     try:
         async with session.post(url + "/v1/completions", json=body) as response:
@@ -137,6 +139,18 @@ async def run(args: argparse.Namespace) -> dict:
         "total_tok_s": (out_tokens + sum(r.input_len for r in done)) / duration,
         "mean_input_len": statistics.mean(r.input_len for r in records),
         "mean_output_len": statistics.mean(r.output_len for r in records),
+        # Each request: seconds from the run's start to its send, its TTFT and end-to-end (ms).
+        "requests": [
+            {
+                "sent_s": r.sent - start,
+                "input_len": r.input_len,
+                "output_len": r.output_len,
+                "ok": r.ok,
+                "ttft_ms": r.ttft * 1e3,
+                "e2e_ms": r.e2e * 1e3,
+            }
+            for r in records
+        ],
         **{
             f"{name}_{stat}_ms": value * 1e3
             for name, values in (("ttft", ttft), ("itl", itl), ("tpot", tpot), ("e2e", e2e))
