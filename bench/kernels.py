@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.engine.models.layers import RopeConfig, RotaryEmbedding
 from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from app.kernels.attention import kv_bytes_per_token, new_kv_cache
-from app.kernels.linear import gemv_tiles, gemv_triton
+from app.kernels.linear import GEMV_TILES, gemv_triton
 from app.kernels.norm import (
     fused_add_rms_norm_ref,
     fused_add_rms_norm_triton,
@@ -186,7 +186,7 @@ class Bench(AttentionBench):
 
     def gemv_sweep(self, name: str, n: int, k: int, top: int = 5) -> None:
         """Every GEMV_GRID setting on one shape, checked and timed from a CUDA graph: the data
-        `gemv_tiles` is chosen from (rerun it on a new kind of GPU)."""
+        `GEMV_TILES` is chosen from (rerun it on a new kind of GPU)."""
         x, w = self.randn(1, k), self.randn(n, k) / k**0.5
         ref = [torch.nn.functional.linear(x, w)]
         timed: list[tuple[float, tuple[int, int, int, int]]] = []
@@ -201,7 +201,7 @@ class Bench(AttentionBench):
                 continue
             timed_setting(timed, graph_time(run), setting)
         bytes_moved = (n * k + k + n) * self.dtype.itemsize
-        self.print_sweep(f"gemv sweep {name} {n} x {k}", "gemv_tiles", gemv_tiles(n, k), timed,
+        self.print_sweep(f"gemv sweep {name} {n} x {k}", "GEMV_TILES", GEMV_TILES, timed,
                          bytes_moved, top)  # fmt: skip
 
 

@@ -18,6 +18,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# (rows per program, columns per load, warps, stages) for every weight: on two H100s, within
+# 0.5 us of each Llama-3.1-8B shape's best of `bench/kernels.py --only gemv-sweep` (batch-1 decode
+# 0.05-0.15 ms faster than the per-shape settings an H200's sweep had picked).
+GEMV_TILES = (4, 2048, 8, 1)
+
+
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
@@ -52,7 +58,7 @@ def gemv_triton(
     tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """`x W^T + b` for a one-row `x` `[1, K]` and a row-major `W` `[N, K]`, float32 accumulation;
-    `tiles` overrides `gemv_tiles`' launch setting."""
+    `tiles` overrides `GEMV_TILES`."""
     n, k = weight.shape
     if x.shape != (1, k):
         raise ValueError(f"gemv_triton takes x of shape (1, {k}), got {tuple(x.shape)}")
@@ -60,22 +66,10 @@ def gemv_triton(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = tiles or gemv_tiles(n, k)
+    block_n, block_k, warps, stages = tiles or GEMV_TILES
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else y, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=stages, **launch_options(x.device),
     )  # fmt: skip
     return y
-
-
-def gemv_tiles(n: int, k: int) -> tuple[int, int, int, int]:
-    """(rows per program, columns per load, warps, stages) for a `[n, k]` weight, the best of a
-    sweep on an H200 at Llama-3.1-8B shapes (1.05-1.2x the one H100 setting used before)."""
-    if k > 8192:
-        return 8, 1024, 8, 3  # long rows (down_proj): 29.5 vs 35.9 us
-    if n <= 4096:
-        return 4, 2048, 4, 1  # o_proj: 6.5 vs 7.5 us
-    if n <= 8192:
-        return 8, 1024, 4, 1  # qkv_proj
-    return 16, 512, 4, 1  # gate_up_proj: 55.8 vs 58.7 us

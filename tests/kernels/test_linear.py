@@ -17,9 +17,9 @@ def _randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-# One shape per tile setting of gemv_tiles: narrow, medium, wide, long rows.
+# Ragged rows and columns: part of one column tile, many programs, several tiles and a part.
 @pytest.mark.parametrize(
-    "shape", [(37, 1500), (5000, 96), (9000, 64), (20, 8300)], ids=["ragged", "mid", "wide", "long"]
+    "shape", [(37, 1500), (5000, 96), (20, 8300)], ids=["ragged", "wide", "long"]
 )
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
 def test_gemv_matches_linear(dtype: torch.dtype, shape: tuple[int, int], with_bias: bool) -> None:
