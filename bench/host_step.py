@@ -24,13 +24,13 @@ import numpy as np
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.argtypes import positive_int
 from app.engine.block_manager import BlockManager
 from app.engine.config import SamplingParams
 from app.engine.cuda_graphs import stage_decode_rows
 from app.engine.scheduler import Scheduler, StepOutput
 from app.engine.sequence import Sequence
 from app.engine.sessions import SessionManager
-from bench.args import positive_int
 
 
 def decode_batch(batch: int, context: int, block_size: int) -> Scheduler:

@@ -40,6 +40,7 @@ import triton
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.argtypes import positive_int
 from app.engine.models.layers import RopeConfig, RotaryEmbedding
 from app.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from app.kernels.attention import kv_bytes_per_token, new_kv_cache
@@ -51,7 +52,7 @@ from app.kernels.norm import (
     rms_norm_triton,
 )
 from app.kernels.rotary import rotary_and_cache_ref, rotary_and_cache_triton
-from bench.args import int_list, positive_int
+from bench.args import int_list
 from bench.attention_bench import AttentionBench
 from bench.common import describe_device
 from bench.kernel_cases import GEMV_GRID, SHAPES, TINY

@@ -24,7 +24,8 @@ import torch
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.args import DTYPES, positive_int
+from app.argtypes import positive_int
+from bench.args import DTYPES
 from bench.common import build_model_dir, describe_device
 from bench.kernel_profile import KernelProfile
 

@@ -29,7 +29,7 @@ import aiohttp
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.args import non_negative_float, positive_int
+from app.argtypes import non_negative_float, positive_int
 
 
 @dataclass

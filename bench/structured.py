@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.args import DTYPES, positive_int
+from app.argtypes import positive_int
+from bench.args import DTYPES
 from bench.common import build_model_dir, describe_device
 
 # JSON-ish text that never completes: every step fills a real mask over the whole vocabulary,

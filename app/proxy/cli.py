@@ -10,32 +10,11 @@ import sys
 import structlog
 import uvicorn
 
+from app.argtypes import port, positive_float, positive_int
 from app.proxy.app import ProxyConfig, create_app
 from app.proxy.strategies import Strategy
 
 ADMIN_KEY_ENV = "SPLITFUSE_ADMIN_KEY"
-
-
-def _positive(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {value}")
-    return number
-
-
-def _port(value: str) -> int:
-    number = int(value)
-    # 0 lets the system pick a free port, as uvicorn does with it.
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {value}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
-    return number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ProxyConfig()
     parser.add_argument("--host", "--server-name", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
-        "--port", "--server-port", type=_port, default=8000, help="port to listen on"
+        "--port", "--server-port", type=port, default=8000, help="port to listen on"
     )
     parser.add_argument(
         "--strategy",
@@ -64,37 +43,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--health-interval",
-        type=_positive,
+        type=positive_float,
         default=defaults.health_interval,
         help="seconds between health checks of each node",
     )
     parser.add_argument(
         "--max-failures",
-        type=int,
+        type=positive_int,
         default=defaults.max_failures,
         help="failed checks or requests in a row that eject a node",
     )
     parser.add_argument(
         "--node-expiry",
-        type=_positive,
+        type=positive_float,
         default=defaults.node_expiry,
         help="seconds an ejected node is kept (and re-checked) before it is removed",
     )
     parser.add_argument(
         "--request-timeout",
-        type=_positive,
+        type=positive_float,
         default=defaults.request_timeout,
         help="seconds a node may take to start answering (a whole non-streamed answer)",
     )
     parser.add_argument(
         "--connect-timeout",
-        type=_positive,
+        type=positive_float,
         default=defaults.connect_timeout,
         help="seconds to connect to a node before trying another",
     )
     parser.add_argument(
         "--max-body-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.max_body_bytes,
         help="largest request body accepted",
     )
@@ -111,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         admin_key=args.admin_key or os.environ.get(ADMIN_KEY_ENV) or None,
         node_api_key=args.node_api_key,
         health_interval=args.health_interval,
-        max_failures=max(1, args.max_failures),
+        max_failures=args.max_failures,
         node_expiry=args.node_expiry,
         request_timeout=args.request_timeout,
         connect_timeout=args.connect_timeout,
