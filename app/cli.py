@@ -9,6 +9,7 @@ from typing import Any
 
 from app.proxy.cli import add_arguments as add_proxy_arguments
 from app.proxy.cli import run as run_proxy
+from app.settings import LOG_FORMATS, LOG_LEVELS
 
 ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--dtype", dict(choices=["auto", "float32", "float16", "bfloat16"])),
@@ -40,8 +41,8 @@ SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-headers", dict(type=int)),
     ("--shutdown-timeout", dict(type=float, help="seconds to drain on SIGTERM")),
     ("--health-stall-seconds", dict(type=float, help="/health fails after this long stuck")),
-    ("--log-format", dict(choices=["auto", "json", "console"])),
-    ("--log-level", dict(type=str.lower, choices=["debug", "info", "warning", "error"])),
+    ("--log-format", dict(choices=LOG_FORMATS)),
+    ("--log-level", dict(type=str.lower, choices=LOG_LEVELS)),
     ("--proxy-url", dict(help="register with this splitfuse proxy")),
     ("--node-url", dict(help="this server's URL as the proxy reaches it")),
     ("--tool-call-parser", dict(help="hermes | llama3 | internlm2")),

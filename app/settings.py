@@ -7,6 +7,7 @@ overridden by name. Unknown keys in a config file are an error, so a typo never 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from app.engine.config import EngineConfig
 
 ENV_PREFIX = "SPLITFUSE_"
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -43,6 +46,39 @@ class ServerConfig:
     tool_call_parser: str = ""
     reasoning_parser: str = ""
     grammar_compile_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            # uvicorn would bind the port modulo 65536; 0 is any free port (uvicorn logs which).
+            raise ValueError(f"setting port: {self.port} is not a port number (0 to 65535)")
+        for name, low in (
+            ("max_body_bytes", 1),
+            ("max_header_bytes", 1),
+            ("max_headers", 1),
+            ("max_queued_requests", 1),
+            ("max_tokens_cap", 0),  # 0: up to the context window
+            ("chat_template_max_chars", 1),
+        ):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.shutdown_timeout < math.inf:  # 0: no draining
+            raise ValueError(
+                f"shutdown_timeout must be a finite number of seconds >= 0, "
+                f"got {self.shutdown_timeout}"
+            )
+        for name in ("health_stall_seconds", "chat_template_timeout", "grammar_compile_timeout"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
+        self.log_level = self.log_level.lower()
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(
+                f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
 
 
 @dataclass
@@ -146,8 +182,5 @@ def load_settings(
     engine_names = {f.name for f in fields(EngineConfig)}
     engine = _apply(engine, {k: v for k, v in overrides.items() if k in engine_names}, "flags")
     server = _apply(server, {k: v for k, v in overrides.items() if k not in engine_names}, "flags")
-    if not 0 <= server.port <= 65535:
-        # uvicorn would bind the port modulo 65536; 0 is any free port (uvicorn logs which).
-        raise ValueError(f"setting port: {server.port} is not a port number (0 to 65535)")
     model = model or env.get(ENV_PREFIX + "MODEL") or None
     return Settings(model=model, engine=engine, server=server)

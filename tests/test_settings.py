@@ -52,11 +52,39 @@ def test_resolution_order(tmp_path) -> None:
         ({"SPLITFUSE_BLOCK_SIZE": "48"}, "power of two"),
         ({"SPLITFUSE_DTYPE": "int3"}, "dtype"),
         ({"SPLITFUSE_QUANT_POLICY": "2"}, "quant_policy must be 0 .* or 4"),
+        ({"SPLITFUSE_CPU_KV_CACHE_GIB": "0"}, r"cpu_kv_cache_gib must be a finite number > 0"),
+        ({"SPLITFUSE_MAX_N": "0"}, "max_n must be >= 1, got 0"),
+        ({"SPLITFUSE_MAX_SESSIONS": "0"}, "max_sessions must be >= 1"),
+        ({"SPLITFUSE_MAX_LOGPROBS": "-1"}, "max_logprobs must be >= 0"),
+        ({"SPLITFUSE_MAX_QUEUED_REQUESTS": "-1"}, "max_queued_requests must be >= 1, got -1"),
+        ({"SPLITFUSE_MAX_QUEUED_REQUESTS": "0"}, "max_queued_requests must be >= 1"),
+        ({"SPLITFUSE_MAX_BODY_BYTES": "0"}, "max_body_bytes must be >= 1"),
+        ({"SPLITFUSE_MAX_TOKENS_CAP": "-5"}, "max_tokens_cap must be >= 0"),
+        ({"SPLITFUSE_SHUTDOWN_TIMEOUT": "inf"}, "shutdown_timeout must be a finite number"),
+        ({"SPLITFUSE_SHUTDOWN_TIMEOUT": "-1"}, "shutdown_timeout .* >= 0, got -1.0"),
+        ({"SPLITFUSE_HEALTH_STALL_SECONDS": "0"}, "health_stall_seconds .* > 0, got 0.0"),
+        ({"SPLITFUSE_GRAMMAR_COMPILE_TIMEOUT": "nan"}, "grammar_compile_timeout .* > 0, got nan"),
+        ({"SPLITFUSE_LOG_FORMAT": "xml"}, "log_format must be one of auto, json, console"),
+        ({"SPLITFUSE_LOG_LEVEL": "verbose"}, "log_level must be one of debug, info"),
+        ({"SPLITFUSE_PORT": "70000"}, "setting port: 70000 is not a port number"),
     ],
 )
 def test_bad_values_are_one_line_errors(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_settings(env=env)
+
+
+def test_edge_values_that_mean_something_are_kept() -> None:
+    env = {
+        "SPLITFUSE_SHUTDOWN_TIMEOUT": "0",  # no draining
+        "SPLITFUSE_MAX_TOKENS_CAP": "0",  # up to the context window
+        "SPLITFUSE_PORT": "0",  # any free port
+        "SPLITFUSE_LOG_LEVEL": "WARNING",
+    }
+    settings = load_settings(env=env)
+    assert settings.server.shutdown_timeout == 0.0 and settings.server.max_tokens_cap == 0
+    assert settings.server.port == 0
+    assert settings.server.log_level == "warning"
 
 
 def test_unknown_key_in_config_file(tmp_path) -> None:

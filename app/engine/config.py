@@ -99,6 +99,19 @@ class EngineConfig:
             f"session_len must be >= 2, got {self.session_len}",
         )
         _check(self.session_ttl > 0, f"session_ttl must be > 0, got {self.session_ttl}")
+        _check(
+            0.0 < self.cpu_kv_cache_gib < math.inf,
+            f"cpu_kv_cache_gib must be a finite number > 0, got {self.cpu_kv_cache_gib}",
+        )
+        for name, low in (
+            ("max_sessions", 1),
+            ("max_logprobs", 0),
+            ("max_n", 1),
+            ("max_stop_strings", 0),
+            ("max_stop_string_len", 1),
+        ):
+            value = getattr(self, name)
+            _check(value >= low, f"{name} must be >= {low}, got {value}")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
