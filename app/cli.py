@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from app.argtypes import port
 from app.proxy.cli import add_arguments as add_proxy_arguments
 from app.proxy.cli import run as run_proxy
 from app.settings import LOG_FORMATS, LOG_LEVELS
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument(
         "--host", *ALIASES["--host"], default="127.0.0.1", help="address the page listens on"
     )
-    ui.add_argument("--port", *ALIASES["--port"], type=int, default=6006)
+    ui.add_argument("--port", *ALIASES["--port"], type=port, default=6006)
     ui.set_defaults(func=cmd_ui)
     proxy = sub.add_parser("proxy", help="distribute requests over many servers")
     add_proxy_arguments(proxy)

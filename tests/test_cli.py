@@ -51,6 +51,7 @@ def test_env_reports_versions() -> None:
         (["chat", "--dtype", "int3"], "invalid choice"),
         (["serve", "--quant-policy", "2"], "invalid choice: 2"),
         (["serve", "--backend", "turbomind"], "invalid choice: 'turbomind'"),
+        (["ui", "--port", "70000"], "--port/--server-port: 70000 is above 65535"),
     ],
 )
 def test_bad_input_is_a_one_line_error(args: list[str], message: str) -> None:
@@ -75,6 +76,8 @@ def test_bad_input_is_a_one_line_error(args: list[str], message: str) -> None:
         (["chat", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
         (["chat", "--chat-template", "nosuch"], "chat template 'nosuch' is neither"),
         (["serve", "--port", "0"], "model path does not exist"),  # 0: any free port
+        (["serve", "--max-queued-requests", "0"], "max_queued_requests must be >= 1"),
+        (["serve", "--shutdown-timeout", "nan"], "shutdown_timeout must be a finite number"),
     ],
 )
 def test_flags_are_checked_before_the_model_loads(args: list[str], message: str) -> None:
