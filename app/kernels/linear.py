@@ -20,7 +20,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # (rows per program, columns per load, warps, stages) for every weight: on two H100s, within
 # 0.5 us of each Llama-3.1-8B shape's best of `bench/kernels.py --only gemv-sweep` (batch-1 decode
-# 0.05-0.15 ms faster than the per-shape settings an H200's sweep had picked).
+# 0.05-0.16 ms faster than the per-shape settings an H200's sweep had picked).
 GEMV_TILES = (4, 2048, 8, 1)
 
 
