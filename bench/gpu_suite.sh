@@ -53,9 +53,11 @@ serve() {
     sleep 1
   done
   echo "== serving ${flags:-(defaults)}"
+  local run=0
   for rate in $rates; do
+    run=$((run + 1))  # numbered: a rate given twice (RATES="16 16") keeps both runs
     python bench/serving.py --request-rate "$rate" --num-prompts "${NUM_PROMPTS:-400}" \
-      --json "$dir/serving-$rate.json" 2>&1 | tail -7
+      --json "$dir/serving-$run-$rate.json" 2>&1 | tail -7
   done
   kill -TERM "$server"; wait "$server"
   python bench/trace_report.py "$dir/steps.jsonl" --json "$dir/steps-summary.json" | grep -v " n 0 "
