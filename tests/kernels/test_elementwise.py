@@ -72,7 +72,8 @@ def test_rotary_and_cache_quantized_matches_reference(
 ) -> None:
     """The int8 / int4 cache write: scales (and zero points) as the reference's, every stored
     key within half a step of the rotated key (its rotation rounds differently from the
-    reference's in half types), and values, which are not rotated, exactly the reference's."""
+    reference's in half types), and values, which are not rotated, on the reference's grid points
+    but at rounding ties."""
     tokens, num_heads, num_kv_heads, head_dim, block_size = 6, 4, 3, 32, 8
     qkv = _randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=4) * 3
     angles = torch.rand(tokens, head_dim // 2, generator=torch.Generator().manual_seed(5)) * 50
@@ -110,7 +111,26 @@ def test_rotary_and_cache_quantized_matches_reference(
     error = (k_stored - k_rotated.view(tokens, num_kv_heads, head_dim)).abs()
     assert (error <= half_step * 1.001 + 1e-6).all()
     assert kc_out.view(-1, num_kv_heads, width)[~written].eq(0).all()
-    assert torch.equal(vc_out, vc_ref)  # values are not rotated: nothing to round differently
+    # Values are not rotated: each is on the reference's grid point, but for one step where the
+    # reference's position is a rounding tie (a GPU's fused multiply-add rounds once, torch twice).
+    v = packed_out[:, -num_kv_heads * head_dim :].double().view(tokens, num_kv_heads, head_dim)
+    v_scales = vs_ref.reshape(per_slot)[slots].double()
+    if quant_policy == 4:
+        position = (v - v_scales[..., 1:]) / v_scales[..., :1]
+    else:
+        position = v / v_scales[..., None]
+    tie = (position - position.floor() - 0.5).abs() < 1e-3
+    rows = (-1, num_kv_heads, width)
+    got, want = (_grid(cache.reshape(rows)[slots]) for cache in (vc_out, vc_ref))
+    assert ((got == want) | (tie & (got - want).abs().eq(1))).all()
+    assert vc_out.reshape(rows)[~written].eq(0).all()
+
+
+def _grid(values: torch.Tensor) -> torch.Tensor:
+    """Quantized rows as grid points in dimension order: int8 as is, int4 unpacked."""
+    if values.dtype == torch.uint8:
+        return torch.cat((values & 15, values >> 4), -1).int()
+    return values.int()
 
 
 @needs_triton
