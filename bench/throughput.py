@@ -97,17 +97,17 @@ class GapMeter:
     def __init__(self, runner) -> None:
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self.allocator = [torch.cuda.memory_stats().get(key, 0) for key in self.ALLOCATOR]
-        execute = runner.execute
+        launch = runner.launch
 
         def timed(out, *args):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            result = execute(out, *args)
-            end.record()
+            result = launch(out, *args)
+            end.record()  # the step's device work, its sampling included, is queued by now
             self.events.append((begin, end, len(out.scheduled)))
             return result
 
-        runner.execute = timed
+        runner.launch = timed
 
     def report(self) -> None:
         torch.cuda.synchronize()

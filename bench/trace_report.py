@@ -1,5 +1,6 @@
 """Summarize a step trace (`SPLITFUSE_STEP_TRACE=file splitfuse serve ...`): where each step's
-time goes on the host and the device, the idle gap between steps, and garbage-collector pauses.
+time goes on the host and the device, how far ahead each step was queued, and garbage-collector
+pauses.
 
     python bench/trace_report.py /tmp/steps.jsonl [--json out.json]
 """
@@ -59,10 +60,10 @@ def report(records: list[dict]) -> dict[str, dict[str, float]]:
         out[f"{kind}_device_ms"] = summary([r["device_ms"] for r in chosen if "device_ms" in r])
         out[f"{kind}_tokens"] = summary([float(r["tokens"]) for r in chosen])
     pairs = list(itertools.pairwise(steps))
-    # The GPU thread's idle time between one step's tokens and the next step's start, split into
-    # the loop's share (result -> schedule -> submit) and the hand-off to the thread.
-    out["gap_ms"] = summary([(b["start"] - a["end"]) * 1e3 for a, b in pairs])
-    out["loop_after_result_ms"] = summary([(b["t"] - a["done"]) * 1e3 for a, b in pairs])
+    # How long before a step's tokens reached the host the next step was on the device's queue
+    # (a step scheduled ahead is launched first); below zero, the device waited for the host
+    # at least that long between the two.
+    out["queued_ahead_ms"] = summary([(a["end"] - b["launched"]) * 1e3 for a, b in pairs])
     out["result_handoff_ms"] = summary([(r["result"] - r["end"]) * 1e3 for r in steps])
     # After a result the loop first waits for the launch of the step queued behind it.
     out["next_launch_wait_ms"] = summary([(r["update_start"] - r["result"]) * 1e3 for r in steps])

@@ -160,6 +160,7 @@ class DecodeGraphs:
         self._host_rows = torch.zeros((4, b), dtype=torch.int64, pin_memory=True)
         self._host_tables = torch.zeros((b, self.max_blocks), dtype=torch.int32, pin_memory=True)
         self._device_rows = torch.zeros((4, b), dtype=torch.int64, device=device)
+        self._copied: torch.cuda.Event | None = None  # recorded after the last step's copies
         # Every graph writes its logits into rows of this one buffer: outputs kept per graph
         # would hold (sum of bucket sizes) x vocab floats, gigabytes at large batches.
         dtype = model.model.embed_tokens.weight.dtype
@@ -207,8 +208,10 @@ class DecodeGraphs:
         b = next((size for size in self.buckets if size >= n), None)
         if b is None:
             return None
-        # The previous step synchronized on its results, so its copies out of these buffers are
-        # done and they can be overwritten.
+        # The step before may still be queued behind another: its copies out of these buffers
+        # must be done before they are overwritten.
+        if self._copied is not None:
+            self._copied.synchronize()
         rows, tables = self._host_rows.numpy(), self._host_tables.numpy()
         if not stage_decode_rows(items, self.block_size, rows, tables):
             return None
@@ -217,6 +220,8 @@ class DecodeGraphs:
         tables[n:b] = self.scratch_block
         self._device_rows[:, :b].copy_(self._host_rows[:, :b], non_blocking=True)
         self.block_tables[:b].copy_(self._host_tables[:b], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
         self.input_ids[:b].copy_(self._device_rows[0, :b])
         self.positions[:b].copy_(self._device_rows[1, :b])
         self.slot_mapping[:b].copy_(self._device_rows[2, :b])
@@ -319,7 +324,7 @@ class MixedGraphs:
         """Write the step's layout into the static inputs; return its bucket."""
         bucket = next(t for t in self.buckets if t >= num_tokens)
         if self._copied is not None:  # the last step's copy out of the host buffers is done
-            self._copied.synchronize()
+            self._copied.synchronize()  # (it may still be queued behind the step before it)
         width = stage_mixed_rows(items, bucket, self._host.numpy(), self._host_tables.numpy())
         self._rows.copy_(self._host, non_blocking=True)
         if width:

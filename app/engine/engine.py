@@ -270,7 +270,8 @@ class AsyncEngine:
         """A request that arrives while a step waits, scheduled ahead, behind the running one:
         take that step back if it had room for the request and the GPU thread has not started
         it, so that the request joins the next step instead of the one after (one step less to
-        its first token)."""
+        its first token). On a GPU the thread starts it as soon as it is free: feeding the device
+        comes first."""
         step = self._queued
         if (
             step is not None
@@ -323,8 +324,8 @@ class AsyncEngine:
     # --------------------------------------------------------------- engine loop
     async def _loop(self) -> None:
         """Schedule, launch, and while the GPU runs step N: schedule step N+1 ahead of N's
-        tokens when nothing in it depends on them (it then runs right after N), and detokenize
-        step N-1's tokens."""
+        tokens when nothing in it depends on them (on the GPU it is queued on the device before
+        N's tokens come back, and runs right after N), and detokenize step N-1's tokens."""
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         pending: list[SequenceUpdate] = []  # sampled last step, not yet turned into text
@@ -361,6 +362,10 @@ class AsyncEngine:
                 await wait_launched(current, self._block_for_launch)
                 if current.allowed is not None:  # the sampler needs it after the forward pass
                     fill_masks(current.masks, current.allowed, self.info.vocab_size)
+                if not self._block_for_launch:
+                    # The CPU computes as it launches: the tokens come back before the step
+                    # ahead is computed, not after it.
+                    current.result(self._executor)
                 ahead_marks = {"t": time.perf_counter()} if self._trace is not None else None
                 nxt = None
                 if self.config.async_scheduling:
@@ -379,7 +384,7 @@ class AsyncEngine:
                     pending = []
                     if marks is not None:
                         marks["process_ms"] = (time.perf_counter() - marks["process_start"]) * 1e3
-                step = await current.running
+                step = await current.result(self._executor)
                 if marks is not None:
                     marks["result"] = time.perf_counter()
                 self._queued = None  # from here on the loop counts on it: no more withdrawing
@@ -465,7 +470,7 @@ class AsyncEngine:
         self._queued = None
         if ahead is not None:  # its sequences fail with the rest
             with contextlib.suppress(Exception):
-                await ahead.running
+                await ahead.result(self._executor)
         self.last_error = f"{what}: {type(exc).__name__}"
         self._fail(self.scheduler.fail_all(self.last_error))
         self.block_manager.reset_prefix_cache()

@@ -9,14 +9,12 @@ import threading
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app.engine.constraints import grammar_rows
+from app.engine.model_runner import ModelRunner, PendingStep
 from app.engine.scheduler import SchedulerOutput, StepOutput
 from app.engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from app.engine.model_runner import ModelRunner
 
 # How long the loop blocks for a launch before it waits asynchronously instead.
 LAUNCH_WAIT_S = 0.05
@@ -29,14 +27,14 @@ class Launch:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.event = threading.Event()
         self.future: asyncio.Future[None] = loop.create_future()
-        self._loop = loop
+        self.loop = loop
 
     def set(self) -> None:
         if self.event.is_set():
             return
         self.event.set()
         with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
-            self._loop.call_soon_threadsafe(self._resolve)
+            self.loop.call_soon_threadsafe(self._resolve)
 
     def _resolve(self) -> None:
         if not self.future.done():
@@ -75,13 +73,25 @@ class InFlight:
     """A step handed to the GPU thread, with what the loop needs when its result comes."""
 
     out: SchedulerOutput
-    running: asyncio.Future[StepOutput]
+    launching: asyncio.Future[PendingStep]  # done once the GPU thread has queued the step
     launch: Launch
     masks: list[Sequence | None]
     allowed: Future[Any] | None
     marks: dict[str, float] | None
     timing: dict[str, Any] | None
     gate: Gate
+    _launched: Future[PendingStep]
+    _result: asyncio.Future[StepOutput] | None = None
+
+    def result(self, executor: Executor) -> asyncio.Future[StepOutput]:
+        """The step's tokens on the host: a job for the GPU thread, queued behind any step
+        submitted before this is first called. So a step scheduled ahead and submitted first
+        reaches the device before this one's tokens come back, and the device does not wait for
+        the host in between."""
+        if self._result is None:
+            waiting = executor.submit(_result, self._launched)
+            self._result = asyncio.wrap_future(waiting, loop=self.launch.loop)
+        return self._result
 
 
 def submit(
@@ -91,7 +101,7 @@ def submit(
     out: SchedulerOutput,
     marks: dict[str, float] | None,
 ) -> InFlight:
-    """Hand a step to the GPU thread (`executor`, behind any step it is running)."""
+    """Hand a step to the GPU thread (`executor`, behind any job queued there) to launch."""
     if marks is not None:
         marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
         marks["submit"] = time.perf_counter()
@@ -100,24 +110,29 @@ def submit(
     launch = Launch(loop)
     timing: dict[str, Any] | None = {} if marks is not None else None
     gate = Gate()
-    running = loop.run_in_executor(executor, _execute, runner, out, allowed, launch, timing, gate)
-    return InFlight(out, running, launch, masks, allowed, marks, timing, gate)
+    launched = executor.submit(_launch, runner, out, allowed, launch, timing, gate)
+    launching = asyncio.wrap_future(launched, loop=loop)
+    return InFlight(out, launching, launch, masks, allowed, marks, timing, gate, launched)
 
 
-def _execute(
+def _launch(
     runner: ModelRunner,
     out: SchedulerOutput,
     allowed: Future[Any] | None,
     launch: Launch,
     timing: dict[str, Any] | None,
     gate: Gate,
-) -> StepOutput:  # the GPU thread
+) -> PendingStep:  # the GPU thread
     try:
         if not gate.start():
-            return StepOutput()  # withdrawn: the loop never reads this
-        return runner.execute(out, allowed, launch.set, timing)
+            return PendingStep(StepOutput())  # withdrawn: the loop never reads this
+        return runner.launch(out, allowed, launch.set, timing)
     finally:
         launch.set()  # a step that failed before launching must not hold the loop
+
+
+def _result(launched: Future[PendingStep]) -> StepOutput:  # the GPU thread
+    return launched.result().result()  # done: the launch was queued first
 
 
 async def wait_launched(step: InFlight, block: bool) -> None:
@@ -130,4 +145,4 @@ async def wait_launched(step: InFlight, block: bool) -> None:
     another). Without it (the CPU, where launching is computing) it only waits asynchronously."""
     if not step.launch.event.wait(LAUNCH_WAIT_S if block else 0.0):
         first = asyncio.FIRST_COMPLETED
-        await asyncio.wait((step.launch.future, step.running), return_when=first)
+        await asyncio.wait((step.launch.future, step.launching), return_when=first)

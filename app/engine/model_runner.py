@@ -19,7 +19,7 @@ from torch import nn
 
 from app.engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_graphs
 from app.engine.models.registry import KVCacheSpec
-from app.engine.sampler import Sampler, SamplingRow
+from app.engine.sampler import PendingSample, Sampler, SamplingRow
 from app.engine.scheduler import ScheduledSequence, SchedulerOutput, StepOutput
 from app.engine.sequence import Sequence
 from app.kernels.attention import AttentionMetadata, new_kv_cache, token_layout
@@ -63,6 +63,38 @@ class KeptRows:
             copy(logits) if params.output_logits else None,
             copy(hidden) if params.output_last_hidden_state else None,
         )
+
+
+class PendingStep:
+    """A launched step; `result` waits for its samples to reach the host."""
+
+    def __init__(
+        self,
+        step: StepOutput,
+        sample: PendingSample | None = None,
+        sampling: list[Sequence] | None = None,
+        timing: dict[str, Any] | None = None,
+        events: tuple[torch.cuda.Event, ...] = (),
+    ):
+        self._step = step
+        self._sample = sample
+        self._sampling = sampling or []  # the sequences of the sampling rows, in order
+        self._timing = timing
+        self._events = events
+
+    def result(self) -> StepOutput:
+        step = self._step
+        if self._sample is not None:
+            sampled = self._sample.result()
+            step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
+            step.top_logprobs = sampled.top_logprobs
+            step.errors = {self._sampling[i].seq_id: e for i, e in sampled.errors.items()}
+        if self._timing is not None:
+            if self._events:
+                self._events[1].synchronize()
+                self._timing["device_ms"] = self._events[0].elapsed_time(self._events[1])
+            self._timing["end"] = time.perf_counter()
+        return step
 
 
 def chunk_rows(item: ScheduledSequence) -> int:
@@ -198,24 +230,26 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(
+    def launch(
         self,
         out: SchedulerOutput,
         allowed: Future[torch.Tensor] | None = None,
         launched: Callable[[], None] | None = None,
         timing: dict[str, Any] | None = None,
-    ) -> StepOutput:
-        """Run one step. `allowed`, when given, resolves (while the forward runs) to the grammar
-        mask of the sampling rows: bool [rows, vocab]. `launched` is called once the forward
-        pass is on the device's queue. `timing`, when given, receives the step's host times
-        (and its device span on CUDA)."""
+    ) -> PendingStep:
+        """Queue one step on the device, its sampling and the copies of its tokens to the host
+        included; the returned step's `result` waits for those. A step scheduled ahead may be
+        launched before that (its tokens come from this step's samples on the device), so the
+        device never waits for the host between the two. `allowed`, when given, resolves
+        (while the forward runs) to the grammar mask of the sampling rows: bool [rows, vocab].
+        `launched` is called once the forward pass is on the device's queue. `timing`, when
+        given, receives the step's host times (and its device span on CUDA)."""
         for seq_id in out.released_seq_ids:
             self._generators.pop(seq_id, None)
         step = StepOutput()
         if not out.scheduled:
-            return step
-        if timing is not None:
-            events = self._start_timing(timing)
+            return PendingStep(step)
+        events = self._start_timing(timing) if timing is not None else ()
         ahead_ids = self._ahead_input_ids(out)
         kind = "decode"
         hidden: torch.Tensor | None = None  # the logit rows' final hidden states (eager steps)
@@ -239,6 +273,7 @@ class ModelRunner:
 
         sample_rows: list[int] = []
         rows: list[SamplingRow] = []
+        sampling: list[Sequence] = []
         kept: list[KeptRows] = []
         cursor = 0
         for item in out.scheduled:
@@ -258,6 +293,7 @@ class ModelRunner:
             if item.sample:
                 sample_rows.append(cursor)
                 cursor += 1
+                sampling.append(seq)
                 rows.append(
                     SamplingRow(
                         seq.params,
@@ -268,22 +304,19 @@ class ModelRunner:
                     )
                 )
         all_logits = logits
+        sample = None
         if rows:
             mask = None if allowed is None else allowed.result().to(self.device, non_blocking=True)
             if len(sample_rows) < len(logits):  # else every row samples, in order
                 logits = logits[sample_rows]
-            sampled = self.sampler(logits, rows, mask)  # leaves `all_logits` as they were
-            step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
-            step.top_logprobs = sampled.top_logprobs
-            self._last_tokens = sampled.device_ids
-            if sampled.errors:
-                sampling = [item.seq for item in out.scheduled if item.sample]
-                step.errors = {sampling[i].seq_id: error for i, error in sampled.errors.items()}
+            sample = self.sampler.launch(logits, rows, mask)  # leaves `all_logits` as they were
+            self._last_tokens = sample.device_ids
+        # Read now, before a later step's graph overwrites the logits (a copy that waits).
         for taken in kept:
             step.rows[taken.seq.seq_id] = taken.read(all_logits, hidden)
-        if timing is not None:
-            self._end_timing(timing, events)
-        return step
+        if events:
+            events[1].record()
+        return PendingStep(step, sample, sampling, timing, events)
 
     def _start_timing(self, timing: dict[str, float]) -> tuple[torch.cuda.Event, ...]:
         timing["start"], timing["cpu"] = time.perf_counter(), time.thread_time()
@@ -292,13 +325,6 @@ class ModelRunner:
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         events[0].record()
         return events
-
-    def _end_timing(self, timing: dict[str, float], events: tuple[torch.cuda.Event, ...]) -> None:
-        if events:
-            events[1].record()
-            events[1].synchronize()
-            timing["device_ms"] = events[0].elapsed_time(events[1])
-        timing["end"] = time.perf_counter()
 
     def _prompt_logprobs(self, step: StepOutput, item, logits: torch.Tensor) -> None:
         """Log-probability of each next prompt token inside this chunk (`logits`: the chunk's

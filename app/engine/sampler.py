@@ -54,16 +54,21 @@ class Sampler:
     ) -> SamplerOutput:
         """`logits` in any float dtype: what is transformed is widened to float32 first, and a
         greedy row's argmax is the same in both (the widening is exact)."""
+        return self.launch(logits, rows, allowed).result()
+
+    def launch(
+        self, logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None
+    ) -> PendingSample:
+        """Queue the whole batch's sampling and its copies to the host; the result waits for
+        them. Every read of `logits` is queued here, so a later step may overwrite them."""
         errors: dict[int, str] = {}
         processed = self._process(logits, rows, allowed, errors)
         token_ids = processed.argmax(dim=-1)
         sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled_rows:
-            index = torch.tensor(sampled_rows, device=logits.device)
+            index = _ints(sampled_rows, logits.device)
             token_ids[index] = _sample(processed[index].float(), [rows[i] for i in sampled_rows])
-        output = _output(logits, token_ids, rows)
-        output.device_ids, output.errors = token_ids, errors
-        return output
+        return PendingSample.launch(logits, token_ids, rows, errors)
 
     def _process(
         self,
@@ -101,7 +106,7 @@ class Sampler:
             i, tok, value = zip(*bias, strict=True)
             out.index_put_(
                 (_ints(i, device), _ints(tok, device)),
-                torch.tensor(value, dtype=out.dtype, device=device),
+                _on(device, value, out.dtype),
                 accumulate=True,
             )
         if bans:
@@ -115,7 +120,7 @@ class Sampler:
             _additive_penalties(out, [rows[i] for i in additive], additive)
         for i in custom:  # the user's code, a row at a time
             row = rows[i]
-            ids = torch.tensor([*row.prompt_ids, *row.output_ids], dtype=torch.int64, device=device)
+            ids = _ints([*row.prompt_ids, *row.output_ids], device)
             try:
                 for fn in row.params.logits_processors:
                     scores = fn(ids, out[i])
@@ -149,7 +154,7 @@ class Sampler:
             prompt = row.prompt_ids
             hit = self._prompts.get(id(prompt))
             if hit is None or hit[0] is not prompt or hit[1] != len(prompt):
-                hit = (prompt, len(prompt), _host_ids([prompt], vocab).to(device))
+                hit = (prompt, len(prompt), _on(device, _host_ids([prompt], vocab)))
             kept[id(prompt)] = hit
         self._prompts = kept
         return [kept[id(row.prompt_ids)][2] for row in rows]
@@ -189,8 +194,20 @@ def _banned_ids(row: SamplingRow) -> list[int]:
     return banned
 
 
+def _on(
+    device: torch.device, values: Sequence | torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Host values on `device` without waiting for it. A plain `torch.tensor(values,
+    device=...)` synchronizes with the stream: the GPU thread would stand still until every step
+    queued before (a step launched ahead of this one's tokens included) had run."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return _on(device, values, torch.long)
 
 
 def _host_ids(histories: list[Sequence[int]], vocab: int) -> torch.Tensor:
@@ -214,7 +231,7 @@ def _token_counts(
 ) -> torch.Tensor:
     """[R, V] float counts of each id in each row's history (plus its `extra` device ids)."""
     counts = torch.zeros(len(histories), vocab + 1, dtype=torch.float32, device=device)
-    host = _host_ids(histories, vocab).to(device, non_blocking=True)
+    host = _on(device, _host_ids(histories, vocab))
     _count_into(counts, host, [len(h) for h in histories])
     if extra:
         _count_into(counts, torch.cat(extra), [t.numel() for t in extra])
@@ -228,7 +245,7 @@ def _count_into(counts: torch.Tensor, ids: torch.Tensor, lengths: list[int]) -> 
     device = counts.device
     rows = torch.repeat_interleave(
         torch.arange(len(lengths), device=device),
-        torch.tensor(lengths, device=device),
+        _ints(lengths, device),
         output_size=ids.numel(),
     )
     flat = counts.view(-1)
@@ -241,7 +258,7 @@ def _repetition_penalty(
     """HF semantics over prompt and output: seen tokens' logits > 0 divided, < 0 multiplied."""
     device, vocab = logits.device, logits.shape[1]
     seen = _token_counts([r.output_ids for r in rows], vocab, device, prompts) > 0
-    penalty = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]
+    penalty = _on(device, [r.params.repetition_penalty for r in rows])[:, None]
     idx = _ints(index, device)
     sub = logits[idx]
     penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
@@ -252,8 +269,8 @@ def _additive_penalties(logits: torch.Tensor, rows: list[SamplingRow], index: li
     """OpenAI semantics over output tokens: presence * (count > 0) + frequency * count."""
     device, vocab = logits.device, logits.shape[1]
     counts = _token_counts([r.output_ids for r in rows], vocab, device)
-    presence = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
-    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
+    presence = _on(device, [r.params.presence_penalty for r in rows])[:, None]
+    frequency = _on(device, [r.params.frequency_penalty for r in rows])[:, None]
     idx = _ints(index, device)
     logits[idx] -= presence * (counts > 0) + frequency * counts
 
@@ -261,7 +278,7 @@ def _additive_penalties(logits: torch.Tensor, rows: list[SamplingRow], index: li
 def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then an exponential race; returns token ids [R]."""
     device = logits.device
-    temperature = torch.tensor([r.params.temperature for r in rows], device=device)[:, None]
+    temperature = _on(device, [r.params.temperature for r in rows])[:, None]
     # Subtracting the row max first keeps a tiny temperature from overflowing to inf - inf = NaN.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
@@ -273,7 +290,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     min_p = [r.params.min_p for r in rows]
     if any(min_p):
         top = probs.max(dim=-1, keepdim=True).values
-        threshold = torch.tensor(min_p, device=device)[:, None] * top
+        threshold = _on(device, min_p)[:, None] * top
         probs = probs.masked_fill(probs < threshold, 0.0)
 
     # argmax(p / E) with E ~ Exp(1) draws from p without normalising or a CPU sync.
@@ -293,43 +310,76 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     no sort: the k-th largest value per row, from one topk, is the threshold."""
     device, vocab = logits.device, logits.shape[1]
     if all(p >= 1.0 for p in top_p) and all(0 < k < vocab for k in top_k):
-        k = torch.tensor(top_k, device=device)[:, None]
+        k = _ints(top_k, device)[:, None]
         largest = logits.topk(max(top_k), dim=-1).values
         threshold = largest.gather(1, k - 1)
         return logits.masked_fill(logits < threshold, _NEG_INF)
     ordered, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=device)[None, :]
-    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)[:, None]
+    k = _ints([k if 0 < k < vocab else vocab for k in top_k], device)[:, None]
     cut = rank >= k
     ordered = ordered.masked_fill(cut, _NEG_INF)
     probs = ordered.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    p = torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
+    p = _on(device, top_p, probs.dtype)[:, None]
     cut |= (mass_before > p) & (rank > 0)
     drop = torch.zeros_like(cut).scatter_(1, order, cut)
     return logits.masked_fill(drop, _NEG_INF)
 
 
-def _output(raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-    """Logprobs come from the model's raw logits, before penalties and temperature (as vLLM)."""
-    asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    logprobs: list[float | None] = [None] * len(rows)
-    top_logprobs: list[list[tuple[int, float]] | None] = [None] * len(rows)
-    if not asked:
-        return SamplerOutput(token_ids.tolist(), logprobs, top_logprobs)
+class PendingSample:
+    """A batch's sampled tokens (and logprobs) on their way to the host."""
 
-    idx = torch.tensor(asked, device=raw.device)
-    log_probs = raw[idx].float().log_softmax(dim=-1)
-    chosen = log_probs.gather(1, token_ids[idx][:, None])[:, 0]
-    k = max(rows[i].params.logprobs or 0 for i in asked)
-    top_values, top_ids = log_probs.topk(k, dim=-1)
-    tokens = token_ids.tolist()
-    chosen_list, values, ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(asked):
-        n = rows[i].params.logprobs or 0
-        logprobs[i] = chosen_list[j]
-        top_logprobs[i] = list(zip(ids[j][:n], values[j][:n], strict=True))
-    return SamplerOutput(tokens, logprobs, top_logprobs)
+    def __init__(
+        self,
+        device_ids: torch.Tensor,
+        host: list[torch.Tensor],
+        asked: list[tuple[int, int]],
+        errors: dict[int, str],
+    ):
+        self.device_ids = device_ids
+        self._host = host  # token ids, then the asked rows' chosen and top logprobs and ids
+        self._asked = asked  # (row, how many top logprobs) of the rows that asked
+        self._errors = errors
+        self._copied: torch.cuda.Event | None = None
+        if device_ids.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    @classmethod
+    def launch(
+        cls,
+        raw: torch.Tensor,
+        token_ids: torch.Tensor,
+        rows: list[SamplingRow],
+        errors: dict[int, str],
+    ) -> PendingSample:
+        """Logprobs come from the model's raw logits, before penalties and temperature (as
+        vLLM)."""
+        asked = [(i, n) for i, row in enumerate(rows) if (n := row.params.logprobs) is not None]
+        tensors = [token_ids]
+        if asked:
+            idx = _ints([i for i, _ in asked], raw.device)
+            log_probs = raw[idx].float().log_softmax(dim=-1)
+            chosen = log_probs.gather(1, token_ids[idx][:, None])[:, 0]
+            top_values, top_ids = log_probs.topk(max(n for _, n in asked), dim=-1)
+            tensors += [chosen, top_values, top_ids]
+        # Device to host without blocking lands in pinned memory; `result` waits for it.
+        host = [t.to("cpu", non_blocking=True) for t in tensors]
+        return cls(token_ids, host, asked, errors)
+
+    def result(self) -> SamplerOutput:
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens = self._host[0].tolist()
+        logprobs: list[float | None] = [None] * len(tokens)
+        top_logprobs: list[list[tuple[int, float]] | None] = [None] * len(tokens)
+        if self._asked:
+            chosen, values, ids = (t.tolist() for t in self._host[1:])
+            for j, (i, n) in enumerate(self._asked):
+                logprobs[i] = chosen[j]
+                top_logprobs[i] = list(zip(ids[j][:n], values[j][:n], strict=True))
+        return SamplerOutput(tokens, logprobs, top_logprobs, self.device_ids, self._errors)
 
 
 def _describe(value: object) -> str:

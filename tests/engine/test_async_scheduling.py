@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import time
 from collections.abc import Awaitable, Iterator
@@ -93,6 +94,47 @@ def test_ahead_matches_the_plain_order(engine: AsyncEngine) -> None:
     assert not none_ahead and len(ahead) > 10
     assert overlapped == plain
     assert [len(t) for t in plain] == [3, 9, 20, 33, 25, 25]
+
+
+def test_on_a_gpu_the_step_ahead_is_launched_before_the_tokens_come_back(
+    engine: AsyncEngine,
+) -> None:
+    """Where launching only queues work (a GPU's), each step scheduled ahead is launched before
+    the tokens of the step it follows are collected, so the device does not wait for the host
+    between the two; every token is the plain order's."""
+    greedy = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (5, 17)]
+    seeded = SamplingParams(max_new_tokens=15, temperature=0.8, top_k=20, seed=3, ignore_eos=True)
+    requests = [(list(range(10, 40)), greedy[0]), (list(range(100, 400)), greedy[1])]
+    requests.append((list(range(500, 520)), seeded))
+    plain, _ = generate_all(engine, requests, ahead=False)
+    runner, launch = engine.runner, engine.runner.launch
+    events: list[tuple[str, SchedulerOutput]] = []
+
+    def logged(out, *args):  # type: ignore[no-untyped-def]  # the GPU thread
+        pending = launch(out, *args)
+        events.append(("launch", out))
+        result = pending.result
+
+        def logged_result():  # type: ignore[no-untyped-def]
+            events.append(("result", out))
+            return result()
+
+        pending.result = logged_result
+        return pending
+
+    runner.launch = logged
+    engine._block_for_launch = True  # the order the engine takes on a GPU
+    try:
+        overlapped, ahead = generate_all(engine, requests, ahead=True)
+    finally:
+        runner.launch = launch
+        engine._block_for_launch = runner.device.type == "cuda"
+    assert overlapped == plain
+    at = {(kind, id(out)): i for i, (kind, out) in enumerate(events)}
+    launched = [out for kind, out in events if kind == "launch"]
+    follows = [(a, b) for a, b in itertools.pairwise(launched) if any(b is x for x in ahead)]
+    assert len(follows) > 10
+    assert all(at["launch", id(b)] < at["result", id(a)] for a, b in follows)
 
 
 def test_a_stop_token_ends_the_sequence_at_the_same_place(engine: AsyncEngine) -> None:
@@ -207,7 +249,7 @@ def test_a_request_arriving_takes_back_the_queued_step(engine: AsyncEngine) -> N
     short = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     prompt_a, prompt_b = list(range(60, 90)), list(range(200, 220))
     (alone_a, alone_b), _ = generate_all(engine, [(prompt_a, long), (prompt_b, short)], False)
-    runner, original = engine.runner, engine.runner.execute
+    runner, original = engine.runner, engine.runner.launch
     steps: list[set[str]] = []
     seen: dict[str, object] = {}
 
@@ -222,7 +264,7 @@ def test_a_request_arriving_takes_back_the_queued_step(engine: AsyncEngine) -> N
         while not any(seq.request_id == "b" for seq in engine.scheduler.waiting):
             await asyncio.sleep(0)
 
-    def execute(out, *args):  # type: ignore[no-untyped-def]  # the GPU thread
+    def launch(out, *args):  # type: ignore[no-untyped-def]  # the GPU thread
         result = original(out, *args)
         steps.append({item.seq.request_id for item in out.scheduled})
         if len(steps) == 6:  # "a" decodes alone; wait until the next step is queued ahead
@@ -241,11 +283,11 @@ def test_a_request_arriving_takes_back_the_queued_step(engine: AsyncEngine) -> N
         finally:
             await engine.stop()
 
-    runner.execute = execute
+    runner.launch = launch
     try:
         tokens_a, tokens_b = asyncio.run(main())
     finally:
-        runner.execute = original
+        runner.launch = original
     assert seen["queued"]
     assert steps[5] == {"a"} and "b" in steps[6]  # not only in steps[7]
     assert (tokens_a, tokens_b) == (alone_a, alone_b)

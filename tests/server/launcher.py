@@ -48,10 +48,10 @@ def install_faults(fault_dir: Path, step_delay: float) -> None:
     from app.engine.engine import AsyncEngine
     from app.engine.model_runner import ModelRunner
 
-    execute = ModelRunner.execute
+    launch = ModelRunner.launch
     detokenize = AsyncEngine._detokenize
 
-    def faulty_execute(self: ModelRunner, *args: Any, **kwargs: Any) -> Any:
+    def faulty_launch(self: ModelRunner, *args: Any, **kwargs: Any) -> Any:
         if _take(fault_dir / "forward-error") is not None or (fault_dir / "broken").exists():
             raise RuntimeError("injected forward-pass failure")
         while (fault_dir / "hold").exists():
@@ -60,14 +60,14 @@ def install_faults(fault_dir: Path, step_delay: float) -> None:
         if stall is not None:
             time.sleep(float(stall))
         time.sleep(step_delay)
-        return execute(self, *args, **kwargs)
+        return launch(self, *args, **kwargs)
 
     def faulty_detokenize(self: AsyncEngine, seq: Any, *args: Any, **kwargs: Any) -> str:
         if seq.request_id.startswith(POISON_PREFIX):
             raise ValueError("injected detokenizer failure")
         return detokenize(self, seq, *args, **kwargs)
 
-    ModelRunner.execute = faulty_execute  # type: ignore[method-assign]
+    ModelRunner.launch = faulty_launch  # type: ignore[method-assign]
     AsyncEngine._detokenize = faulty_detokenize  # type: ignore[method-assign]
 
 
