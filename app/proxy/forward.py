@@ -216,7 +216,10 @@ class Forwarder:
                 return None, True
             except TimeoutError:
                 log.warning("node did not answer in time", node=node.url)
-                self.registry.request_failed(node, time.monotonic() - started)
+                # The loop's timer may fire a fraction of a millisecond early (uvloop rounds to
+                # milliseconds); the node took at least the whole timeout.
+                waited = max(time.monotonic() - started, self.request_timeout)
+                self.registry.request_failed(node, waited)
                 return error_response(
                     504, "the node did not answer in time", code="upstream_timeout"
                 ), False
