@@ -66,24 +66,32 @@ class KeptRows:
 
 
 class PendingStep:
-    """A launched step; `result` waits for its samples to reach the host."""
+    """A launched step; `result` waits for its samples (and prompt logprobs) to reach the host."""
 
     def __init__(
         self,
         step: StepOutput,
         sample: PendingSample | None = None,
         sampling: list[Sequence] | None = None,
+        prompt_logprobs: list[tuple[int, torch.Tensor]] | None = None,
+        copied: torch.cuda.Event | None = None,
         timing: dict[str, Any] | None = None,
         events: tuple[torch.cuda.Event, ...] = (),
     ):
         self._step = step
         self._sample = sample
         self._sampling = sampling or []  # the sequences of the sampling rows, in order
+        self._prompt_logprobs = prompt_logprobs or []  # (seq_id, host tensor being copied)
+        self._copied = copied  # recorded after those copies (CUDA)
         self._timing = timing
         self._events = events
 
     def result(self) -> StepOutput:
         step = self._step
+        if self._copied is not None:
+            self._copied.synchronize()
+        for seq_id, host in self._prompt_logprobs:
+            step.prompt_logprobs[seq_id] = host.tolist()
         if self._sample is not None:
             sampled = self._sample.result()
             step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
@@ -274,6 +282,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         rows: list[SamplingRow] = []
         sampling: list[Sequence] = []
+        prompt_logprobs: list[tuple[int, torch.Tensor]] = []
         kept: list[KeptRows] = []
         cursor = 0
         for item in out.scheduled:
@@ -281,7 +290,7 @@ class ModelRunner:
             params = seq.params
             extra = chunk_rows(item)
             if params.prompt_logprobs and item.start_pos < seq.num_prompt_tokens:
-                self._prompt_logprobs(step, item, logits[cursor : cursor + extra])
+                prompt_logprobs.append(self._prompt_logprobs(item, logits[cursor : cursor + extra]))
             if params.output_logits or params.output_last_hidden_state:
                 if params.all_rows:  # every row of the chunk, the sampling row included
                     taken = KeptRows(seq, item.start_pos, cursor, extra + (1 if item.sample else 0))
@@ -314,9 +323,13 @@ class ModelRunner:
         # Read now, before a later step's graph overwrites the logits (a copy that waits).
         for taken in kept:
             step.rows[taken.seq.seq_id] = taken.read(all_logits, hidden)
+        copied = None
+        if prompt_logprobs and self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
         if events:
             events[1].record()
-        return PendingStep(step, sample, sampling, timing, events)
+        return PendingStep(step, sample, sampling, prompt_logprobs, copied, timing, events)
 
     def _start_timing(self, timing: dict[str, float]) -> tuple[torch.cuda.Event, ...]:
         timing["start"], timing["cpu"] = time.perf_counter(), time.thread_time()
@@ -326,19 +339,20 @@ class ModelRunner:
         events[0].record()
         return events
 
-    def _prompt_logprobs(self, step: StepOutput, item, logits: torch.Tensor) -> None:
+    def _prompt_logprobs(
+        self, item: ScheduledSequence, logits: torch.Tensor
+    ) -> tuple[int, torch.Tensor]:
         """Log-probability of each next prompt token inside this chunk (`logits`: the chunk's
-        rows before its sampling row)."""
+        rows before its sampling row), on its way to the host: (seq_id, host tensor)."""
         seq = item.seq
         n = len(logits)
         targets = seq.token_ids_slice(item.start_pos + 1, item.start_pos + 1 + n)
         rows = torch.log_softmax(logits.float(), dim=-1)
-        picked = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0]
+        picked = rows.gather(1, self._tensor(targets, torch.int64)[:, None])[:, 0]
         # A chunk that ends at the prompt's end computes the last prompt token's successor in the
         # sampling row, which belongs to the output, not the prompt.
-        step.prompt_logprobs[seq.seq_id] = picked.tolist()[
-            : max(0, seq.num_prompt_tokens - 1 - item.start_pos)
-        ]
+        keep = max(0, seq.num_prompt_tokens - 1 - item.start_pos)
+        return seq.seq_id, picked[:keep].to("cpu", non_blocking=True)
 
     def _generator(self, seq_id: int, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:
