@@ -1,7 +1,8 @@
 """Steps scheduled ahead of their predecessor's tokens give exactly the tokens of the plain
 order: greedy and seeded sampling, length limits, stop tokens, sequences ending mid-batch, and
-prompts admitted or chunked in a step ahead; a request that arrives takes back a queued step
-so that it joins the next one."""
+prompts admitted or chunked in a step ahead; in a GPU's order the step ahead is launched before
+those tokens are collected; a request that arrives takes back a queued step so that it joins
+the next one."""
 
 from __future__ import annotations
 
