@@ -76,7 +76,8 @@ class AsyncEngine:
         self.last_progress = time.monotonic()
         self._trace = StepTrace.from_env()
         self._queued: InFlight | None = None  # a step scheduled ahead, not yet counted on
-        # Launching on the CPU is computing: the loop blocks for launches on CUDA only.
+        # Launching on the CPU is computing: on CUDA only the loop blocks for launches and steps
+        # ahead launch before the tokens of the step they follow are collected.
         self._block_for_launch = self.runner.device.type == "cuda"
         # Start-up's objects (model, tokenizer, graphs) out of the collector's way until shutdown.
         self._gc_threshold = freeze_startup_heap()
@@ -270,8 +271,7 @@ class AsyncEngine:
         """A request that arrives while a step waits, scheduled ahead, behind the running one:
         take that step back if it had room for the request and the GPU thread has not started
         it, so that the request joins the next step instead of the one after (one step less to
-        its first token). On a GPU the thread starts it as soon as it is free: feeding the device
-        comes first."""
+        its first token). On a GPU the thread starts it as soon as it is free."""
         step = self._queued
         if (
             step is not None
@@ -326,7 +326,6 @@ class AsyncEngine:
         """Schedule, launch, and while the GPU runs step N: schedule step N+1 ahead of N's
         tokens when nothing in it depends on them (on the GPU it is queued on the device before
         N's tokens come back, and runs right after N), and detokenize step N-1's tokens."""
-        loop = asyncio.get_running_loop()
         assert self._wake is not None
         pending: list[SequenceUpdate] = []  # sampled last step, not yet turned into text
         ahead: InFlight | None = None  # the next step, already submitted
@@ -355,24 +354,20 @@ class AsyncEngine:
                     self._fail_unschedulable()
                     await asyncio.sleep(0)
                     continue
-                current = submit(self._executor, self.runner, loop, out, marks)
+                current = submit(self._executor, self.runner, out, marks, self._block_for_launch)
             marks = current.marks
             failure = "engine step failed"
             try:
                 await wait_launched(current, self._block_for_launch)
                 if current.allowed is not None:  # the sampler needs it after the forward pass
                     fill_masks(current.masks, current.allowed, self.info.vocab_size)
-                if not self._block_for_launch:
-                    # The CPU computes as it launches: the tokens come back before the step
-                    # ahead is computed, not after it.
-                    current.result(self._executor)
                 ahead_marks = {"t": time.perf_counter()} if self._trace is not None else None
                 nxt = None
                 if self.config.async_scheduling:
                     nxt = self.scheduler.schedule_ahead(current.out)
                 if nxt is not None:
                     ahead = self._queued = submit(
-                        self._executor, self.runner, loop, nxt, ahead_marks
+                        self._executor, self.runner, nxt, ahead_marks, self._block_for_launch
                     )
                 if pending:
                     # A sequence this finishes (a stop string) may be in the steps now running:

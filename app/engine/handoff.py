@@ -97,11 +97,15 @@ class InFlight:
 def submit(
     executor: Executor,
     runner: ModelRunner,
-    loop: asyncio.AbstractEventLoop,
     out: SchedulerOutput,
     marks: dict[str, float] | None,
+    launch_ahead: bool,
 ) -> InFlight:
-    """Hand a step to the GPU thread (`executor`, behind any job queued there) to launch."""
+    """Hand a step to the GPU thread (`executor`, behind any job queued there) to launch, from
+    the running asyncio loop. With `launch_ahead` (a GPU) a step submitted later may launch
+    before this one's tokens are collected; without it (the CPU, which computes as it
+    launches) they are collected right after the launch."""
+    loop = asyncio.get_running_loop()
     if marks is not None:
         marks["schedule_ms"] = (time.perf_counter() - marks["t"]) * 1e3
         marks["submit"] = time.perf_counter()
@@ -112,7 +116,10 @@ def submit(
     gate = Gate()
     launched = executor.submit(_launch, runner, out, allowed, launch, timing, gate)
     launching = asyncio.wrap_future(launched, loop=loop)
-    return InFlight(out, launching, launch, masks, allowed, marks, timing, gate, launched)
+    step = InFlight(out, launching, launch, masks, allowed, marks, timing, gate, launched)
+    if not launch_ahead:
+        step.result(executor)
+    return step
 
 
 def _launch(

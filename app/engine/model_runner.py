@@ -19,7 +19,7 @@ from torch import nn
 
 from app.engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_graphs
 from app.engine.models.registry import KVCacheSpec
-from app.engine.sampler import PendingSample, Sampler, SamplingRow
+from app.engine.sampler import PendingSample, Sampler, SamplingRow, host_to_device
 from app.engine.scheduler import ScheduledSequence, SchedulerOutput, StepOutput
 from app.engine.sequence import Sequence
 from app.kernels.attention import AttentionMetadata, new_kv_cache, token_layout
@@ -141,7 +141,6 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}
-        self._pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self._last_tokens: torch.Tensor | None = None  # the last step's samples, on the device
@@ -191,8 +190,7 @@ class ModelRunner:
         return self.model.compute_logits(graphs.run(items, num_tokens, ahead_ids))
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
-        return t.to(self.device, non_blocking=True)
+        return host_to_device(data, self.device, dtype)
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         """Token ids and per-sequence numbers go to the device in two copies; every token's

@@ -106,7 +106,7 @@ class Sampler:
             i, tok, value = zip(*bias, strict=True)
             out.index_put_(
                 (_ints(i, device), _ints(tok, device)),
-                _on(device, value, out.dtype),
+                host_to_device(value, device, out.dtype),
                 accumulate=True,
             )
         if bans:
@@ -154,7 +154,7 @@ class Sampler:
             prompt = row.prompt_ids
             hit = self._prompts.get(id(prompt))
             if hit is None or hit[0] is not prompt or hit[1] != len(prompt):
-                hit = (prompt, len(prompt), _on(device, _host_ids([prompt], vocab)))
+                hit = (prompt, len(prompt), host_to_device(_host_ids([prompt], vocab), device))
             kept[id(prompt)] = hit
         self._prompts = kept
         return [kept[id(row.prompt_ids)][2] for row in rows]
@@ -194,20 +194,22 @@ def _banned_ids(row: SamplingRow) -> list[int]:
     return banned
 
 
-def _on(
-    device: torch.device, values: Sequence | torch.Tensor, dtype: torch.dtype | None = None
+def host_to_device(
+    values: Sequence | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Host values on `device` without waiting for it. A plain `torch.tensor(values,
-    device=...)` synchronizes with the stream: the GPU thread would stand still until every step
-    queued before (a step launched ahead of this one's tokens included) had run."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    """Host values on `device` without waiting for it, through pinned memory on CUDA. A plain
+    `torch.tensor(values, device=...)` synchronizes with the stream: the GPU thread would stand
+    still until every step queued before (a step launched ahead included) had run."""
+    cuda = device.type == "cuda"
+    if isinstance(values, torch.Tensor):
+        host = values.pin_memory() if cuda else values
+    else:
+        host = torch.tensor(values, dtype=dtype, pin_memory=cuda)
+    return host.to(device, non_blocking=True)
 
 
 def _ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return _on(device, values, torch.long)
+    return host_to_device(values, device, torch.long)
 
 
 def _host_ids(histories: list[Sequence[int]], vocab: int) -> torch.Tensor:
@@ -231,7 +233,7 @@ def _token_counts(
 ) -> torch.Tensor:
     """[R, V] float counts of each id in each row's history (plus its `extra` device ids)."""
     counts = torch.zeros(len(histories), vocab + 1, dtype=torch.float32, device=device)
-    host = _on(device, _host_ids(histories, vocab))
+    host = host_to_device(_host_ids(histories, vocab), device)
     _count_into(counts, host, [len(h) for h in histories])
     if extra:
         _count_into(counts, torch.cat(extra), [t.numel() for t in extra])
@@ -258,7 +260,7 @@ def _repetition_penalty(
     """HF semantics over prompt and output: seen tokens' logits > 0 divided, < 0 multiplied."""
     device, vocab = logits.device, logits.shape[1]
     seen = _token_counts([r.output_ids for r in rows], vocab, device, prompts) > 0
-    penalty = _on(device, [r.params.repetition_penalty for r in rows])[:, None]
+    penalty = host_to_device([r.params.repetition_penalty for r in rows], device)[:, None]
     idx = _ints(index, device)
     sub = logits[idx]
     penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
@@ -269,8 +271,8 @@ def _additive_penalties(logits: torch.Tensor, rows: list[SamplingRow], index: li
     """OpenAI semantics over output tokens: presence * (count > 0) + frequency * count."""
     device, vocab = logits.device, logits.shape[1]
     counts = _token_counts([r.output_ids for r in rows], vocab, device)
-    presence = _on(device, [r.params.presence_penalty for r in rows])[:, None]
-    frequency = _on(device, [r.params.frequency_penalty for r in rows])[:, None]
+    presence = host_to_device([r.params.presence_penalty for r in rows], device)[:, None]
+    frequency = host_to_device([r.params.frequency_penalty for r in rows], device)[:, None]
     idx = _ints(index, device)
     logits[idx] -= presence * (counts > 0) + frequency * counts
 
@@ -278,7 +280,7 @@ def _additive_penalties(logits: torch.Tensor, rows: list[SamplingRow], index: li
 def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then an exponential race; returns token ids [R]."""
     device = logits.device
-    temperature = _on(device, [r.params.temperature for r in rows])[:, None]
+    temperature = host_to_device([r.params.temperature for r in rows], device)[:, None]
     # Subtracting the row max first keeps a tiny temperature from overflowing to inf - inf = NaN.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
@@ -290,7 +292,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     min_p = [r.params.min_p for r in rows]
     if any(min_p):
         top = probs.max(dim=-1, keepdim=True).values
-        threshold = _on(device, min_p)[:, None] * top
+        threshold = host_to_device(min_p, device)[:, None] * top
         probs = probs.masked_fill(probs < threshold, 0.0)
 
     # argmax(p / E) with E ~ Exp(1) draws from p without normalising or a CPU sync.
@@ -321,7 +323,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     ordered = ordered.masked_fill(cut, _NEG_INF)
     probs = ordered.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    p = _on(device, top_p, probs.dtype)[:, None]
+    p = host_to_device(top_p, device, probs.dtype)[:, None]
     cut |= (mass_before > p) & (rank > 0)
     drop = torch.zeros_like(cut).scatter_(1, order, cut)
     return logits.masked_fill(drop, _NEG_INF)
