@@ -5,8 +5,9 @@ through the block table, scores them against all query heads of the kv head's GQ
 once (so K/V are read from memory once per group), and leaves a partial output plus its
 log-sum-exp. A second kernel merges the splits. With one split the first kernel writes the
 output directly. Given an `order` (the sequences longest first), programs start in that order,
-so that a launch over contexts of mixed lengths ends on short programs rather than waiting for a
-long one started last. The reference is `paged_attention_ref` with every query length 1.
+a sequence's kv heads one after another, so that a launch over contexts of mixed lengths ends on
+short programs rather than waiting for a long one started last. The reference is
+`paged_attention_ref` with every query length 1.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def _decode_split_kernel(
     stride_ot,
     stride_oh,
     NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -104,9 +106,12 @@ def _decode_split_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)
-    seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int32) if ORDERED else tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # kv heads fastest: a sequence's programs start together, so all of them start in `order`
+    # (sequence-fastest started the longest sequences' last kv heads in the launch's last wave).
+    row = tl.program_id(0) // NUM_KV_HEADS
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    seq = tl.load(order_ptr + row).to(tl.int32) if ORDERED else row
+    split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     # The query sits at seq_len - 1, so a window leaves exactly the keys from seq_len - window.
     lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
@@ -272,7 +277,7 @@ def paged_decode_attention(
         part_out = torch.empty(
             num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_seqs * num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, seq_lens if order is None else order,
         out, part_out, part_lse,
         scale * LOG2E, sliding_window or 0, num_splits,
@@ -282,6 +287,7 @@ def paged_decode_attention(
         *scale_args(kv_scales, k_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
