@@ -35,6 +35,11 @@ class ModelInput:
     logit_rows: torch.Tensor  # int64 [R]: rows of the hidden states that need logits
 
 
+# Most kept rows of one request in one step that go to the host without a wait, through pinned
+# memory: a decode step's one row, not a prompt's every row (pinned memory is costly to grow).
+STAGED_ROWS = 16
+
+
 @dataclass
 class KeptRows:
     """Rows of a step's logits that a sequence's request takes (output_logits, hidden states):
@@ -46,16 +51,19 @@ class KeptRows:
     count: int = 1
 
     def read(
-        self, logits: torch.Tensor, hidden: torch.Tensor | None
+        self, logits: torch.Tensor, hidden: torch.Tensor | None, *, staged: bool = False
     ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
         """(first position, logits, hidden states) as asked, float32 on the host; `hidden` is
-        None after a graphed step, which requests for hidden states never take."""
+        None after a graphed step, which requests for hidden states never take. `staged`: copied
+        from a CUDA device into pinned memory without a wait (the step's `copied` event)."""
         params = self.seq.params
         if params.output_last_hidden_state and hidden is None:
             raise RuntimeError("hidden states were asked of a graphed step")
         rows = slice(self.row, self.row + self.count)
 
         def copy(t: torch.Tensor) -> torch.Tensor:  # never a view that holds the step's tensor
+            if staged:
+                return t[rows].float().to("cpu", non_blocking=True)
             return t[rows].to("cpu", torch.float32, copy=True)
 
         return (
@@ -66,7 +74,8 @@ class KeptRows:
 
 
 class PendingStep:
-    """A launched step; `result` waits for its samples (and prompt logprobs) to reach the host."""
+    """A launched step; `result` waits for its samples (and prompt logprobs, kept rows) to reach
+    the host."""
 
     def __init__(
         self,
@@ -74,6 +83,7 @@ class PendingStep:
         sample: PendingSample | None = None,
         sampling: list[Sequence] | None = None,
         prompt_logprobs: list[tuple[int, torch.Tensor]] | None = None,
+        staged: list[int] | None = None,
         copied: torch.cuda.Event | None = None,
         timing: dict[str, Any] | None = None,
         events: tuple[torch.cuda.Event, ...] = (),
@@ -82,6 +92,7 @@ class PendingStep:
         self._sample = sample
         self._sampling = sampling or []  # the sequences of the sampling rows, in order
         self._prompt_logprobs = prompt_logprobs or []  # (seq_id, host tensor being copied)
+        self._staged = staged or []  # seq_ids whose kept rows are being copied to pinned memory
         self._copied = copied  # recorded after those copies (CUDA)
         self._timing = timing
         self._events = events
@@ -92,6 +103,9 @@ class PendingStep:
             self._copied.synchronize()
         for seq_id, host in self._prompt_logprobs:
             step.prompt_logprobs[seq_id] = host.tolist()
+        for seq_id in self._staged:  # into ordinary memory: requests keep their rows to the end
+            first, *tensors = step.rows[seq_id]
+            step.rows[seq_id] = (first, *(None if t is None else t.clone() for t in tensors))
         if self._sample is not None:
             sampled = self._sample.result()
             step.token_ids, step.logprobs = sampled.token_ids, sampled.logprobs
@@ -318,16 +332,21 @@ class ModelRunner:
                 logits = logits[sample_rows]
             sample = self.sampler.launch(logits, rows, mask)  # leaves `all_logits` as they were
             self._last_tokens = sample.device_ids
-        # Read now, before a later step's graph overwrites the logits (a copy that waits).
+        # Copied now, before a later step's graph overwrites the logits: a decode step's rows
+        # without a wait, a prompt's many rows straight into ordinary memory (a wait).
+        staged: list[int] = []
         for taken in kept:
-            step.rows[taken.seq.seq_id] = taken.read(all_logits, hidden)
+            stage = self.device.type == "cuda" and taken.count <= STAGED_ROWS
+            step.rows[taken.seq.seq_id] = taken.read(all_logits, hidden, staged=stage)
+            if stage:
+                staged.append(taken.seq.seq_id)
         copied = None
-        if prompt_logprobs and self.device.type == "cuda":
+        if (prompt_logprobs or staged) and self.device.type == "cuda":
             copied = torch.cuda.Event()
             copied.record()
         if events:
             events[1].record()
-        return PendingStep(step, sample, sampling, prompt_logprobs, copied, timing, events)
+        return PendingStep(step, sample, sampling, prompt_logprobs, staged, copied, timing, events)
 
     def _start_timing(self, timing: dict[str, float]) -> tuple[torch.cuda.Event, ...]:
         timing["start"], timing["cpu"] = time.perf_counter(), time.thread_time()

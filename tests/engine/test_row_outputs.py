@@ -123,3 +123,19 @@ def test_bad_row_settings_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         pipe([1, 2, 3], gen_config=config)
+
+
+def test_rows_staged_on_the_way_to_the_host_are_handed_on_as_copies() -> None:
+    """A GPU step copies a decode row into pinned memory without a wait; collecting the step
+    hands the request a copy in ordinary memory, so the pinned buffer goes back to be reused."""
+    from app.engine.model_runner import PendingStep
+    from app.engine.scheduler import StepOutput
+
+    step = StepOutput()
+    staged, kept = torch.arange(6.0).reshape(2, 3), torch.ones(1, 3)
+    step.rows = {7: (4, staged, None), 8: (2, kept, kept)}
+    rows = PendingStep(step, staged=[7]).result().rows
+    first, logits, hidden = rows[7]
+    assert (first, hidden) == (4, None)
+    assert torch.equal(logits, staged) and logits.data_ptr() != staged.data_ptr()
+    assert rows[8][1] is kept  # read with a wait: already in ordinary memory
