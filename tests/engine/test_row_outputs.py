@@ -10,6 +10,8 @@ import torch
 from app import GenerationConfig, pipeline
 from app.api import Pipeline
 from app.engine.config import EngineConfig
+from app.engine.model_runner import PendingStep
+from app.engine.scheduler import StepOutput
 
 ATOL = RTOL = 1e-4
 
@@ -128,9 +130,6 @@ def test_bad_row_settings_are_refused(
 def test_rows_staged_on_the_way_to_the_host_are_handed_on_as_copies() -> None:
     """A GPU step copies a decode row into pinned memory without a wait; collecting the step
     hands the request a copy in ordinary memory, so the pinned buffer goes back to be reused."""
-    from app.engine.model_runner import PendingStep
-    from app.engine.scheduler import StepOutput
-
     step = StepOutput()
     staged, kept = torch.arange(6.0).reshape(2, 3), torch.ones(1, 3)
     step.rows = {7: (4, staged, None), 8: (2, kept, kept)}
