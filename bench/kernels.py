@@ -174,13 +174,16 @@ class Bench(AttentionBench):
         """cuBLAS (F.linear) on `rows` tokens: the arithmetic rate the engine's GEMMs run at,
         which bounds every batched step."""
         x, w = self.randn(rows, k), self.randn(n, k) / k**0.5
+        zero = torch.zeros(n, dtype=w.dtype, device=w.device)
         rates = []
         default = torch.backends.cuda.preferred_blas_library()
-        # torch's two CUDA paths for one product (the CPU has its own).
-        for library in ("cublas", "cublaslt") if x.is_cuda else ("cpu",):
+        # torch's two CUDA paths for one product (the CPU has its own), and a zero bias, which
+        # takes cuBLASLt's bias epilogue without changing the preferred library.
+        for library in ("cublas", "cublaslt", "cublas+bias") if x.is_cuda else ("cpu",):
             if x.is_cuda:
-                torch.backends.cuda.preferred_blas_library(library)
-            ms = bench_time(lambda: torch.nn.functional.linear(x, w))
+                torch.backends.cuda.preferred_blas_library(library.removesuffix("+bias"))
+            bias = zero if library.endswith("+bias") else None
+            ms = bench_time(lambda bias=bias: torch.nn.functional.linear(x, w, bias))
             rates.append(f"{library} {ms * 1e3:8.1f} us {2 * rows * n * k / ms / 1e9:6.1f} TFLOP/s")
         torch.backends.cuda.preferred_blas_library(default)
         print(f"gemm {name:<8} {rows:>5} x {n:>6} x {k:>5}: {'; '.join(rates)}")
