@@ -91,7 +91,6 @@ def _decode_split_kernel(
     stride_ot,
     stride_oh,
     NUM_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -108,8 +107,8 @@ def _decode_split_kernel(
     wait_for_previous(PDL)
     # kv heads fastest: a sequence's programs start together, so all of them start in `order`
     # (sequence-fastest started the longest sequences' last kv heads in the launch's last wave).
-    row = tl.program_id(0) // NUM_KV_HEADS
-    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    row = tl.program_id(0) // (NUM_HEADS // GROUP)
+    kv_head = tl.program_id(0) % (NUM_HEADS // GROUP)
     seq = tl.load(order_ptr + row).to(tl.int32) if ORDERED else row
     split = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -287,7 +286,6 @@ def paged_decode_attention(
         *scale_args(kv_scales, k_cache),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads,
-        NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,

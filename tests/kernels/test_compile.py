@@ -32,8 +32,8 @@ POINTERS = {
 def _variants() -> list[tuple[str, int, dict]]:
     """(kernel, quant_policy, constexprs) for every variant the engine launches on an 8B shape."""
     decode = {
-        "NUM_HEADS": 32, "NUM_KV_HEADS": 8, "GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128,
-        "BLOCK_SIZE": 64, "BLOCK_N": 128, "DOT_PRECISION": "tf32", "ORDERED": True,
+        "NUM_HEADS": 32, "GROUP": 4, "BLOCK_H": 16, "HEAD_DIM": 128, "BLOCK_SIZE": 64,
+        "BLOCK_N": 128, "DOT_PRECISION": "tf32", "ORDERED": True,
     }  # fmt: skip
     prefill = {
         "GROUP": 4, "GROUP_PAD": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 64, "DOT_PRECISION": "tf32",
